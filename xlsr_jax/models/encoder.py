@@ -1,0 +1,179 @@
+"""The transformer encoder: positional conv embedding, attention blocks (post-LN or pre-LN), layer scan."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xlsr_jax.config import Wav2Vec2Config
+from xlsr_jax.models.layers import Dense, LayerNorm, activation, conv1d, logical
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class PositionalConvEmbedding(nn.Module):
+    """Grouped conv over time with weight norm over the kernel axis (PyTorch weight_norm, dim=2)."""
+
+    config: Wav2Vec2Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        k, groups, hidden = cfg.num_conv_pos_embeddings, cfg.num_conv_pos_embedding_groups, cfg.hidden_size
+        std = 2.0 * math.sqrt(1.0 / (k * hidden))
+        # v is stored [kernel, in/groups, out] (Flax conv layout); g has one entry per kernel tap.
+        v = self.param(
+            "weight_v", logical(nn.initializers.normal(std), ("conv_kernel", None, "embed")), (k, hidden // groups, hidden)
+        )
+        g = self.param(
+            "weight_g", logical(lambda *_: jnp.sqrt(jnp.sum(v * v, axis=(1, 2))), ("conv_kernel",)), (k,)
+        )
+        bias = self.param("bias", logical(nn.initializers.zeros, ("embed",)), (hidden,))
+        weight = v * (g / jnp.sqrt(jnp.sum(v * v, axis=(1, 2))))[:, None, None]
+        y = conv1d(x.astype(dtype), weight.astype(dtype), padding=[(k // 2, k // 2)], groups=groups)
+        if k % 2 == 0:  # "same" padding with an even kernel yields one extra frame: drop it
+            y = y[:, :-1]
+        return activation(cfg.feat_extract_activation)(y + bias.astype(dtype))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention; `bias` is an additive [B, 1, 1, T] key-padding bias or None."""
+
+    config: Wav2Vec2Config
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+
+        def proj(name):
+            return Dense((heads, head_dim), ("embed", "heads", "kv"), dtype=dtype, name=name)(x)
+
+        q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
+        q = nn.with_logical_constraint(q, ("batch", "frames", "act_heads", None))
+        scores = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+        if bias is not None:
+            scores = scores + bias
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=self.deterministic)
+        out = jnp.einsum("bnts,bsnd->btnd", probs.astype(dtype), v)
+        return Dense(cfg.hidden_size, ("heads", "kv", "embed"), in_axes=2, dtype=dtype, name="out_proj")(out)
+
+
+class FeedForward(nn.Module):
+    config: Wav2Vec2Config
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        h = Dense(cfg.intermediate_size, ("embed", "mlp"), dtype=dtype, name="intermediate_dense")(x)
+        h = nn.with_logical_constraint(h, ("batch", "frames", "act_mlp"))
+        h = activation(cfg.hidden_act)(h)
+        h = nn.Dropout(cfg.activation_dropout)(h, deterministic=self.deterministic)
+        h = Dense(cfg.hidden_size, ("mlp", "embed"), dtype=dtype, name="output_dense")(h)
+        return nn.Dropout(cfg.hidden_dropout)(h, deterministic=self.deterministic)
+
+
+class EncoderLayer(nn.Module):
+    """One transformer block; pre-LN when `do_stable_layer_norm` (XLS-R), post-LN otherwise (base).
+
+    Called as a scan body: (hidden, bias) -> (hidden, layer input or None). The layer input is
+    emitted so that `hidden_states` can be collected without unrolling the scan.
+    """
+
+    config: Wav2Vec2Config
+    deterministic: bool = True
+    emit_input: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array | None):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        det = self.deterministic
+        inputs = x
+        attention = Attention(cfg, det, name="attention")
+        feed_forward = FeedForward(cfg, det, name="feed_forward")
+        layer_norm = LayerNorm("embed", cfg.layer_norm_eps, dtype, name="layer_norm")
+        final_layer_norm = LayerNorm("embed", cfg.layer_norm_eps, dtype, name="final_layer_norm")
+        dropout = nn.Dropout(cfg.hidden_dropout)
+        if cfg.do_stable_layer_norm:
+            x = x + dropout(attention(layer_norm(x), bias), deterministic=det)
+            x = x + feed_forward(final_layer_norm(x))
+        else:
+            x = layer_norm(x + dropout(attention(x, bias), deterministic=det))
+            x = final_layer_norm(x + feed_forward(x))
+        if not det and cfg.layerdrop > 0.0:
+            # LayerDrop: the whole batch skips this layer with probability `layerdrop`. The layer is
+            # still computed (a data-dependent branch inside the scan would serialize it on TPU).
+            skip = jax.random.uniform(self.make_rng("dropout")) < cfg.layerdrop
+            x = jnp.where(skip, inputs, x)
+        x = nn.with_logical_constraint(x, ("batch", "frames", "act_embed"))
+        return x, (inputs if self.emit_input else None)
+
+
+class Encoder(nn.Module):
+    """Positional embedding + the layer stack. Returns (last hidden state, hidden_states or None).
+
+    hidden_states follows Hugging Face transformers 5: entry i is the input of layer i, the last
+    entry is the output of the last layer (before the final LayerNorm in the pre-LN variant).
+    """
+
+    config: Wav2Vec2Config
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        deterministic: bool = True,
+        output_hidden_states: bool = False,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        bias = None
+        if mask is not None:
+            x = jnp.where(mask[..., None], x, 0)  # padded frames must not leak into the positional conv
+            bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+        x = x + PositionalConvEmbedding(cfg, name="pos_conv_embed")(x)
+        if not cfg.do_stable_layer_norm:
+            x = LayerNorm("embed", cfg.layer_norm_eps, dtype, name="layer_norm")(x)
+        x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+        x = nn.with_logical_constraint(x.astype(dtype), ("batch", "frames", "act_embed"))
+
+        block = EncoderLayer
+        if cfg.remat_policy != "none":
+            block = nn.remat(block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=nn.broadcast,
+                length=cfg.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, deterministic, output_hidden_states, name="layers")
+            x, inputs = stack(x, bias)
+            hidden_states = list(inputs) if output_hidden_states else None
+        else:
+            hidden_states = [] if output_hidden_states else None
+            for i in range(cfg.num_hidden_layers):
+                x, inp = block(cfg, deterministic, output_hidden_states, name=f"layers_{i}")(x, bias)
+                if output_hidden_states:
+                    hidden_states.append(inp)
+        if output_hidden_states:
+            hidden_states.append(x)
+        if cfg.do_stable_layer_norm:
+            x = LayerNorm("embed", cfg.layer_norm_eps, dtype, name="layer_norm")(x)
+        return x, hidden_states

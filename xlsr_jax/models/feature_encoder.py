@@ -1,0 +1,79 @@
+"""The convolutional feature encoder (raw audio -> 50 Hz frames) and the feature projection."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xlsr_jax.config import Wav2Vec2Config
+from xlsr_jax.models.layers import ChannelNorm, Dense, LayerNorm, activation, conv1d, logical, torch_linear_uniform
+
+
+def frame_mask(config: Wav2Vec2Config, attention_mask: jax.Array, num_frames: int) -> jax.Array:
+    """Boolean [B, frames] mask of real frames, from a [B, samples] mask of real samples (HF semantics)."""
+    lengths = config.num_frames(attention_mask.astype(jnp.int32).sum(-1))
+    return jnp.arange(num_frames)[None, :] < lengths[:, None]
+
+
+class ConvLayer(nn.Module):
+    """One conv block: Conv1d, then LayerNorm ("layer"), GroupNorm (layer 0 of "group") or nothing."""
+
+    config: Wav2Vec2Config
+    layer_id: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        in_dim = x.shape[-1]
+        out_dim = cfg.conv_dim[self.layer_id]
+        k = cfg.conv_kernel[self.layer_id]
+        # PyTorch kaiming_normal_ (fan_in, gain sqrt(2)) as Hugging Face initializes Conv1d.
+        kernel = self.param(
+            "kernel",
+            logical(nn.initializers.variance_scaling(2.0, "fan_in", "normal"), ("conv_kernel", "conv_in", "conv_out")),
+            (k, in_dim, out_dim),
+        )
+        x = conv1d(x.astype(dtype), kernel.astype(dtype), stride=cfg.conv_stride[self.layer_id])
+        if cfg.conv_bias:
+            bias = self.param("bias", logical(torch_linear_uniform(in_dim * k), ("conv_out",)), (out_dim,))
+            x = x + bias.astype(dtype)
+        if cfg.feat_extract_norm == "layer":
+            # PyTorch's LayerNorm default eps here, not config.layer_norm_eps (as in Hugging Face).
+            x = LayerNorm("conv_out", epsilon=1e-5, dtype=dtype, name="layer_norm")(x)
+        elif self.layer_id == 0:
+            x = ChannelNorm("conv_out", epsilon=1e-5, dtype=dtype, name="layer_norm")(x)
+        return activation(cfg.feat_extract_activation)(x)
+
+
+class FeatureEncoder(nn.Module):
+    """Raw audio [B, samples] -> conv features [B, frames, conv_dim[-1]]."""
+
+    config: Wav2Vec2Config
+
+    @nn.compact
+    def __call__(self, input_values: jax.Array) -> jax.Array:
+        x = input_values[..., None]
+        for i in range(self.config.num_feat_extract_layers):
+            x = ConvLayer(self.config, i, name=f"conv_layers_{i}")(x)
+            x = nn.with_logical_constraint(x, ("batch", "frames", "act_conv"))
+        return x
+
+
+class FeatureProjection(nn.Module):
+    """LayerNorm then Linear into the transformer width; returns (projected, normalized features)."""
+
+    config: Wav2Vec2Config
+
+    @nn.compact
+    def __call__(self, features: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        norm = LayerNorm("conv_out", epsilon=cfg.layer_norm_eps, dtype=dtype, name="layer_norm")(features)
+        init = torch_linear_uniform(features.shape[-1])
+        hidden = Dense(
+            cfg.hidden_size, ("conv_out", "embed"), dtype=dtype, kernel_init=init, bias_init=init, name="projection"
+        )(norm)
+        hidden = nn.Dropout(cfg.feat_proj_dropout)(hidden, deterministic=deterministic)
+        return hidden, norm

@@ -1,0 +1,147 @@
+"""Building blocks with logical axis names on every parameter.
+
+Hugging Face / PyTorch initializers are reproduced where they matter for training from scratch
+(the quantizer, the positional conv, the feature projection); converted checkpoints overwrite them.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Axes = tuple[str | None, ...]
+
+
+def logical(init: Callable, names: Axes) -> Callable:
+    """Attach logical axis names to an initializer (names index the parameter's dimensions)."""
+    return nn.with_logical_partitioning(init, names)
+
+
+def torch_linear_uniform(fan_in: int) -> Callable:
+    """PyTorch nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Hugging Face ACT2FN semantics: "gelu" is the exact (erf) GELU."""
+    return {
+        "gelu": functools.partial(jax.nn.gelu, approximate=False),
+        "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+        "relu": jax.nn.relu,
+        "swish": jax.nn.silu,
+        "silu": jax.nn.silu,
+    }[name]
+
+
+class Dense(nn.Module):
+    """A linear layer over the last axis whose output may be split into several named axes.
+
+    `features` may be an int or a tuple (e.g. (heads, head_dim)); `in_axes` > 1 contracts several
+    trailing input axes (e.g. the attention output projection). Kernels are [in..., out...].
+    """
+
+    features: int | tuple[int, ...]
+    kernel_axes: Axes
+    bias_axes: Axes | None = None
+    in_axes: int = 1
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(0.02)
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        in_shape = x.shape[-self.in_axes :]
+        kernel = self.param("kernel", logical(self.kernel_init, self.kernel_axes), (*in_shape, *features))
+        contract = tuple(range(x.ndim - self.in_axes, x.ndim))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            ((contract, tuple(range(self.in_axes))), ((), ())),
+        )
+        if self.use_bias:
+            bias_axes = self.bias_axes if self.bias_axes is not None else self.kernel_axes[self.in_axes :]
+            bias = self.param("bias", logical(self.bias_init, bias_axes), features)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis, statistics in float32 (PyTorch semantics: biased variance)."""
+
+    axis_name: str | None
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", logical(nn.initializers.ones, (self.axis_name,)), (features,))
+        bias = self.param("bias", logical(nn.initializers.zeros, (self.axis_name,)), (features,))
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.astype(self.dtype)
+
+
+class ChannelNorm(nn.Module):
+    """GroupNorm with one group per channel ([B, T, C]): each channel normalized over time."""
+
+    axis_name: str | None
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", logical(nn.initializers.ones, (self.axis_name,)), (features,))
+        bias = self.param("bias", logical(nn.initializers.zeros, (self.axis_name,)), (features,))
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-2, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-2, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.astype(self.dtype)
+
+
+def conv1d(
+    x: jax.Array, kernel: jax.Array, stride: int = 1, padding: Sequence[tuple[int, int]] | str = "VALID",
+    groups: int = 1,
+) -> jax.Array:
+    """1-D convolution of x [B, T, C_in] with kernel [K, C_in / groups, C_out] (PyTorch cross-correlation)."""
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=(stride,),
+        padding=padding,
+        dimension_numbers=("NWC", "WIO", "NWC"),
+        feature_group_count=groups,
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def scale_gradient(x: jax.Array, scale: float) -> jax.Array:
+    """Identity forward; multiplies the gradient by `scale` (fairseq's GradMultiply)."""
+    return x
+
+
+def _scale_gradient_fwd(x, scale):
+    return x, None
+
+
+def _scale_gradient_bwd(scale, _, g):
+    return (g * scale,)
+
+
+scale_gradient.defvjp(_scale_gradient_fwd, _scale_gradient_bwd)
