@@ -1,0 +1,153 @@
+"""`xlsr-jax` command line: thin argument parsing over library functions."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import sys
+import time
+
+from xlsr_jax.config import HEADS, PRESETS, ConfigError
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    if args.direction == "hf-to-jax":
+        from xlsr_jax.convert.hf import hf_to_jax
+
+        out = hf_to_jax(args.input, args.output, head=args.head)
+    elif args.direction == "jax-to-hf":
+        from xlsr_jax.convert.hf import jax_to_hf
+
+        out = jax_to_hf(args.input, args.output, legacy_weight_norm=args.legacy_weight_norm)
+    else:
+        from xlsr_jax.convert.fairseq import fairseq_to_jax
+
+        out = fairseq_to_jax(args.input, args.output, dict_path=args.dict, trust_pickle=args.trust_pickle)
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    from xlsr_jax.embed import embed_files
+
+    report = embed_files(args.model, args.audio, args.output, layer=args.layer, batch_size=args.batch_size,
+                         dtype=args.dtype)
+    for path, shape in zip(report.outputs, report.shapes):
+        print(f"{path}\t{shape[0]}x{shape[1]}")
+    print(f"embedded {len(report.outputs)} file(s), {report.audio_seconds:.1f} s of audio in "
+          f"{report.wall_seconds:.2f} s ({report.realtime_factor:.1f}x real time, compile included)")
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from xlsr_jax.config import get_preset
+    from xlsr_jax.model_dir import save_model_dir
+    from xlsr_jax.models.heads import count_params, init_params
+
+    config = get_preset(args.preset)
+    params = init_params(config, args.head, seed=args.seed)
+    out = save_model_dir(args.output, config, params, args.head)
+    print(f"wrote {out}: random {args.preset} {args.head} model, {count_params(params):,} parameters")
+    return 0
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from xlsr_jax.models.heads import abstract_params, count_params
+
+    print(f"{'preset':<12}{'layers':>7}{'hidden':>8}{'ffn':>7}{'heads':>7}{'params (encoder)':>19}"
+          f"{'params (pretraining)':>23}")
+    for name, cfg in PRESETS.items():
+        enc = count_params(abstract_params(cfg, "base"))
+        pre = count_params(abstract_params(cfg, "pretraining"))
+        print(f"{name:<12}{cfg.num_hidden_layers:>7}{cfg.hidden_size:>8}{cfg.intermediate_size:>7}"
+              f"{cfg.num_attention_heads:>7}{enc:>19,}{pre:>23,}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from data_pipelines.corpus import sample_paths
+    from xlsr_jax.config import get_preset
+    from xlsr_jax.embed import embed_files
+    from xlsr_jax.model_dir import save_model_dir
+    from xlsr_jax.models.heads import count_params, init_params
+
+    workdir = pathlib.Path(args.workdir)
+    t0 = time.perf_counter()
+    config = get_preset(args.preset)
+    params = init_params(config, "base", seed=0)
+    model_dir = save_model_dir(workdir / "model", config, params, "base", overwrite=True)
+    t_init = time.perf_counter() - t0
+    print(f"[1/2] random {args.preset} encoder, {count_params(params):,} parameters -> {model_dir} "
+          f"({t_init:.1f} s)")
+    audio = sample_paths()
+    report = embed_files(model_dir, audio, workdir / "embeddings", progress=False)
+    print(f"[2/2] embedded {len(audio)} bundled clips ({report.audio_seconds:.2f} s of speech) in "
+          f"{report.wall_seconds:.2f} s (compile included)")
+    for path, shape in zip(report.outputs, report.shapes):
+        print(f"      {path.name:<20} frames x hidden = {shape[0]} x {shape[1]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xlsr-jax", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    conv = sub.add_parser("convert", help="convert checkpoints between Hugging Face, fairseq and xlsr-jax")
+    conv.add_argument("direction", choices=["hf-to-jax", "jax-to-hf", "fairseq-to-jax"])
+    conv.add_argument("--input", required=True, help="HF directory, xlsr-jax model directory or fairseq .pt")
+    conv.add_argument("--output", required=True, help="output directory (must be new or empty)")
+    conv.add_argument("--head", choices=HEADS, help="hf-to-jax: override the head read from config.json")
+    conv.add_argument("--legacy-weight-norm", action="store_true",
+                      help="jax-to-hf: write weight_g/weight_v instead of parametrizations.weight.original0/1")
+    conv.add_argument("--dict", help="fairseq-to-jax: dict.ltr.txt for CTC checkpoints without a stored dictionary")
+    conv.add_argument("--trust-pickle", action="store_true",
+                      help="fairseq-to-jax: allow arbitrary pickled objects (only for files you trust)")
+    conv.set_defaults(func=_cmd_convert)
+
+    emb = sub.add_parser("embed", help="write one [frames, hidden] .npy per audio file")
+    emb.add_argument("audio", nargs="+", help="audio files (wav/flac/ogg/mp3, any rate, any channels)")
+    emb.add_argument("--model", required=True, help="xlsr-jax model directory")
+    emb.add_argument("--output", required=True, help="directory for the .npy files")
+    emb.add_argument("--layer", type=int, default=None,
+                     help="hidden_states index as in Hugging Face (default: the last hidden state)")
+    emb.add_argument("--batch-size", type=int, default=8)
+    emb.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype override")
+    emb.set_defaults(func=_cmd_embed)
+
+    init = sub.add_parser("init", help="write a randomly initialized model directory")
+    init.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    init.add_argument("--head", choices=HEADS, default="base")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--output", required=True)
+    init.set_defaults(func=_cmd_init)
+
+    pre = sub.add_parser("presets", help="list model presets with their parameter counts")
+    pre.set_defaults(func=_cmd_presets)
+
+    demo = sub.add_parser("demo", help="end-to-end run on the bundled clips")
+    demo.add_argument("--workdir", default="xlsr_jax_demo")
+    demo.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `xlsr-jax` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from data_pipelines.audio import AudioError
+    from xlsr_jax.model_dir import ModelDirError
+
+    try:
+        return args.func(args)
+    except (ConfigError, ModelDirError, AudioError, FileNotFoundError, ValueError) as e:
+        # Bad input is the user's to fix: one clear line, no traceback.
+        print(f"xlsr-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
