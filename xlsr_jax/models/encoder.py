@@ -38,7 +38,20 @@ class PositionalConvEmbedding(nn.Module):
         )
         bias = self.param("bias", logical(nn.initializers.zeros, ("embed",)), (hidden,))
         weight = v * (g / jnp.sqrt(jnp.sum(v * v, axis=(1, 2))))[:, None, None]
-        y = conv1d(x.astype(dtype), weight.astype(dtype), padding=[(k // 2, k // 2)], groups=groups)
+        # One ungrouped conv per group instead of feature_group_count: under SPMD with a batch-sharded
+        # input and a replicated mesh axis, XLA (jax 0.10.2) multiplies the grouped conv's weight
+        # gradient by that axis' size (caught by test_sharded_forward_and_gradients_match_single_device).
+        x = x.astype(dtype)
+        weight = weight.astype(dtype)
+        cin, cout = hidden // groups, hidden // groups
+        y = jnp.concatenate(
+            [
+                conv1d(x[..., i * cin : (i + 1) * cin], weight[..., i * cout : (i + 1) * cout],
+                       padding=[(k // 2, k // 2)])
+                for i in range(groups)
+            ],
+            axis=-1,
+        )  # fmt: skip
         if k % 2 == 0:  # "same" padding with an even kernel yields one extra frame: drop it
             y = y[:, :-1]
         return activation(cfg.feat_extract_activation)(y + bias.astype(dtype))

@@ -1,0 +1,171 @@
+"""Model behaviour beyond parity: layouts, dtypes, logical sharding, dropout, gradient scaling, padding."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from xlsr_jax.config import get_preset
+from xlsr_jax.convert.layout import stack_layers, unstack_layers
+from xlsr_jax.models.heads import abstract_params, build_model, init_params
+from xlsr_jax.parallel.rules import DEFAULT_RULES, logical_sharding, param_shardings
+
+
+def _batch(b=2, n=8000, seed=0):
+    rng = np.random.RandomState(seed)
+    audio = rng.randn(b, n).astype(np.float32)
+    mask = np.ones((b, n), np.int32)
+    mask[1, n * 2 // 3 :] = 0
+    audio[1, n * 2 // 3 :] = 0
+    return jnp.asarray(audio), jnp.asarray(mask)
+
+
+def _ctc_loss_fn(config, audio, mask):
+    model = build_model(config, "ctc")
+
+    def loss(params):
+        logits = model.apply({"params": params}, audio, mask).logits
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 1] * 3.0 + logits[..., 0] ** 2)
+
+    return loss
+
+
+def test_every_param_has_logical_names_known_to_the_rules():
+    known = {name for name, _ in DEFAULT_RULES}
+    for head in ("ctc", "sequence_classification", "pretraining"):
+        config = get_preset("tiny", use_weighted_layer_sum=head == "sequence_classification")
+        boxed = abstract_params(config, head)
+        leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+        for leaf in leaves:
+            assert isinstance(leaf, nn.LogicallyPartitioned), leaf
+            assert len(leaf.names) == leaf.value.ndim
+            assert set(leaf.names) - {None} <= known, leaf.names
+        specs = nn.get_partition_spec(boxed)
+        # scanned layers carry the "layers" axis first
+        assert specs["wav2vec2"]["encoder"]["layers"]["attention"]["q_proj"]["kernel"] == \
+            jax.sharding.PartitionSpec("layers", "embed", "heads", "kv")
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_change_nothing_numerically(policy):
+    audio, mask = _batch()
+    base = get_preset("tiny", hidden_dropout=0.0)
+    params = init_params(base, "ctc")
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(_ctc_loss_fn(base, audio, mask)))(params)
+    loss, grads = jax.jit(jax.value_and_grad(_ctc_loss_fn(base.replace(remat_policy=policy), audio, mask)))(params)
+    assert abs(float(loss) - float(ref_loss)) < 1e-6
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
+
+
+def test_scan_and_unrolled_have_the_same_gradients():
+    audio, mask = _batch()
+    config = get_preset("tiny_base")
+    params = init_params(config, "ctc")
+    g_scan = jax.jit(jax.grad(_ctc_loss_fn(config, audio, mask)))(params)
+    g_unrolled = jax.jit(jax.grad(_ctc_loss_fn(config.replace(scan_layers=False), audio, mask)))(unstack_layers(params))
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_scan, stack_layers(g_unrolled))
+
+
+def test_bfloat16_compute_is_finite_and_close_to_float32():
+    audio, mask = _batch()
+    config = get_preset("tiny")
+    params = init_params(config, "ctc")
+    f32 = build_model(config, "ctc").apply({"params": params}, audio, mask).logits
+    bf16 = build_model(config.replace(dtype="bfloat16"), "ctc").apply({"params": params}, audio, mask).logits
+    assert bf16.dtype == jnp.float32 and np.isfinite(np.asarray(bf16)).all()
+    rel = float(jnp.linalg.norm(bf16 - f32) / jnp.linalg.norm(f32))
+    print("bf16 vs f32 relative error", rel)
+    assert rel < 0.05
+
+
+def test_sharded_forward_and_gradients_match_single_device(cpu_devices):
+    """Params created already sharded on a (data=2, fsdp=2, tensor=2) mesh; same numbers as 1 device."""
+    config = get_preset("tiny")
+    audio, mask = _batch(b=4)
+    model = build_model(config, "ctc")
+    params = init_params(config, "ctc")
+    loss_fn = _ctc_loss_fn(config, audio, mask)
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(loss_fn))(params)
+
+    mesh = Mesh(np.array(cpu_devices).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    shardings = param_shardings(abstract_params(config, "ctc"), mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        init = jax.jit(lambda k, x: nn.meta.unbox(model.init(k, x)["params"]), out_shardings=shardings)
+        sharded = init(jax.random.key(0), jnp.zeros((1, 16000)))
+        kernel = sharded["wav2vec2"]["encoder"]["layers"]["feed_forward"]["intermediate_dense"]["kernel"]
+        assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+        # same init as the unsharded one, then the same loss and gradients
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6), sharded, params)
+        batch_sharding = logical_sharding(("batch", "samples"), mesh)
+        a, m = jax.device_put(audio, batch_sharding), jax.device_put(mask, batch_sharding)
+        step = jax.jit(lambda p, a, m: jax.value_and_grad(_ctc_loss_fn(config, a, m))(p))
+        loss, grads = step(sharded, a, m)
+    assert abs(float(loss) - float(ref_loss)) < 1e-5
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), grads, ref_grads)
+
+
+def test_dropout_and_layerdrop_only_in_training():
+    audio, mask = _batch()
+    config = get_preset("tiny", layerdrop=0.0)
+    model = build_model(config, "base")
+    params = init_params(config, "base")
+    det = model.apply({"params": params}, audio, mask).last_hidden_state
+    again = model.apply({"params": params}, audio, mask).last_hidden_state
+    np.testing.assert_array_equal(det, again)
+    train = model.apply({"params": params}, audio, mask, deterministic=False,
+                        rngs={"dropout": jax.random.key(1)}).last_hidden_state
+    assert float(jnp.abs(train - det).max()) > 1e-3
+    # layerdrop=1 with no dropout skips every layer: each hidden state equals the transformer input.
+    skip_all = get_preset("tiny", layerdrop=1.0, hidden_dropout=0.0, activation_dropout=0.0,
+                          attention_dropout=0.0, feat_proj_dropout=0.0)
+    out = build_model(skip_all, "base").apply({"params": params}, audio, mask, deterministic=False,
+                                              output_hidden_states=True, rngs={"dropout": jax.random.key(2)})
+    for h in out.hidden_states[1:]:
+        np.testing.assert_array_equal(h, out.hidden_states[0])
+
+
+@pytest.mark.parametrize("mult", [0.1, 0.0])
+def test_feature_grad_mult_scales_only_the_conv_encoder(mult):
+    audio, mask = _batch()
+    config = get_preset("tiny")
+    params = init_params(config, "ctc")
+    ref = jax.jit(jax.grad(_ctc_loss_fn(config, audio, mask)))(params)
+    got = jax.jit(jax.grad(_ctc_loss_fn(config.replace(feature_grad_mult=mult), audio, mask)))(params)
+    conv_ref, conv = ref["wav2vec2"]["feature_extractor"], got["wav2vec2"]["feature_extractor"]
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, mult * b, atol=1e-7, rtol=1e-4), conv, conv_ref)
+    np.testing.assert_array_equal(got["lm_head"]["kernel"], ref["lm_head"]["kernel"])
+    assert float(jnp.abs(conv_ref["conv_layers_0"]["kernel"]).max()) > 0
+
+
+def test_padding_does_not_change_real_frames():
+    """Layer-norm models: an utterance padded inside a batch gives its unpadded output on real frames."""
+    config = get_preset("tiny")
+    params = init_params(config, "base")
+    model = build_model(config, "base")
+    audio, mask = _batch(n=9600)
+    n = int(mask[1].sum())
+    batched = model.apply({"params": params}, audio, mask).last_hidden_state
+    alone = model.apply({"params": params}, audio[1:, :n]).last_hidden_state
+    frames = config.num_frames(n)
+    np.testing.assert_allclose(batched[1, :frames], alone[0], atol=1e-5)
+
+
+def test_time_and_channel_masks():
+    config = get_preset("tiny", mask_time_prob=0.5)
+    params = init_params(config, "base")
+    model = build_model(config, "base")
+    audio, mask = _batch()
+    frames = config.num_frames(audio.shape[1])
+    time_mask = jnp.zeros((2, frames), bool).at[:, :5].set(True)
+    out = model.apply({"params": params}, audio, mask, mask_time_indices=time_mask, output_hidden_states=True)
+    plain = model.apply({"params": params}, audio, mask, output_hidden_states=True)
+    assert float(jnp.abs(out.hidden_states[0] - plain.hidden_states[0]).max()) > 1e-3
+    chan = jnp.zeros((2, config.hidden_size), bool).at[:, :4].set(True)
+    out = model.apply({"params": params}, audio, mask, mask_feature_indices=chan)
+    assert out.last_hidden_state.shape == plain.last_hidden_state.shape
+    no_embed = get_preset("tiny", mask_time_prob=0.0)
+    with pytest.raises(ValueError, match="no masked_spec_embed"):
+        build_model(no_embed, "base").apply({"params": init_params(no_embed, "base")}, audio, mask,
+                                            mask_time_indices=time_mask)
