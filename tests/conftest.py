@@ -10,8 +10,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Keep torch from oversubscribing the 2 CI cores while JAX runs beside it.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+import jax
+import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

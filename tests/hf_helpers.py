@@ -10,7 +10,7 @@ torch = __import__("pytest").importorskip("torch")
 transformers = __import__("pytest").importorskip("transformers")
 
 
-def hf_config(config: Wav2Vec2Config) -> "transformers.Wav2Vec2Config":
+def hf_config(config: Wav2Vec2Config) -> transformers.Wav2Vec2Config:
     return transformers.Wav2Vec2Config(**config.to_hf_dict())
 
 

@@ -42,7 +42,7 @@ HEAD_CONFIGS = [
 def test_hf_dir_round_trip(tmp_path, head, config, legacy):
     model, hf_dir = _save_hf(tmp_path, config, head, legacy=legacy)
     model_dir = hf_to_jax(hf_dir, tmp_path / "ours")
-    cfg, got_head, params = load_model_dir(model_dir)
+    cfg, got_head, _ = load_model_dir(model_dir)
     assert got_head == head
     assert cfg.to_hf_dict() == config.to_hf_dict() | {"id2label": cfg.to_hf_dict()["id2label"],
                                                        "label2id": cfg.to_hf_dict()["label2id"]}
@@ -91,7 +91,20 @@ def test_unrolled_load_of_stacked_dir(tmp_path):
     config = get_preset("tiny")
     _, hf_dir = _save_hf(tmp_path, config, "base")
     model_dir = hf_to_jax(hf_dir, tmp_path / "ours")
-    cfg, _, params = load_model_dir(model_dir, scan_layers=False)
+    _, _, params = load_model_dir(model_dir, scan_layers=False)
     assert "layers_1" in params["wav2vec2"]["encoder"] and "layers" not in params["wav2vec2"]["encoder"]
     with pytest.raises(ModelDirError):
         load_model_dir(tmp_path / "missing")
+
+
+def test_half_precision_checkpoint_keeps_float32_compute(tmp_path):
+    """transformers 5 stores the storage dtype as "dtype"; it must not become our compute dtype."""
+    import torch
+
+    model = random_hf_model(get_preset("tiny"), "base").to(torch.float16)
+    model.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text()).get("dtype") == "float16"
+    cfg, _, params = load_model_dir(hf_to_jax(tmp_path / "hf", tmp_path / "ours"))
+    assert cfg.dtype == "float32"
+    leaf = params["wav2vec2"]["encoder"]["layers"]["attention"]["q_proj"]["kernel"]
+    assert leaf.dtype == np.float32

@@ -161,7 +161,7 @@ class Wav2Vec2Config:
         if problems:
             raise ConfigError("invalid Wav2Vec2Config: " + "; ".join(problems))
 
-    def replace(self, **changes: Any) -> "Wav2Vec2Config":
+    def replace(self, **changes: Any) -> Wav2Vec2Config:
         """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
 
@@ -179,7 +179,7 @@ class Wav2Vec2Config:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], strict: bool = False) -> "Wav2Vec2Config":
+    def from_dict(cls, data: dict[str, Any], strict: bool = False) -> Wav2Vec2Config:
         """Build from a (Hugging Face or xlsr-jax) config dict; unknown keys are ignored unless strict."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(known) - _HF_BOOKKEEPING_KEYS)
@@ -219,7 +219,7 @@ class Wav2Vec2Config:
         pathlib.Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     @classmethod
-    def load(cls, path: str | pathlib.Path) -> "Wav2Vec2Config":
+    def load(cls, path: str | pathlib.Path) -> Wav2Vec2Config:
         """Read a `config.json` written by us or by Hugging Face."""
         path = pathlib.Path(path)
         if not path.is_file():

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import pathlib
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -123,7 +123,7 @@ def _num_samples(path: pathlib.Path) -> int:
     try:
         info = soundfile.info(str(path))
         return int(info.frames * SAMPLE_RATE / info.samplerate)
-    except Exception:  # unreadable: load_audio reports it properly when its turn comes
+    except (RuntimeError, soundfile.LibsndfileError):  # load_audio reports it properly in its turn
         return 0
 
 

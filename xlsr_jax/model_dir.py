@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import flax.linen as nn
 import jax

@@ -10,7 +10,8 @@ import json
 import logging
 import pathlib
 import shutil
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -72,7 +73,7 @@ def state_dict_to_params(
             mismatched.append(f"{keys[0]}: checkpoint {tuple(tensors[0].shape)} vs model {per_layer_shape}")
             continue
         out[path] = np.stack(values) if "{i}" in key else values[0]
-    unexpected = sorted(set(sd) - used - _IGNORED_HF_KEYS)
+    unexpected = sorted(set(sd) - used)
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s): {_preview(missing)}")
@@ -121,6 +122,10 @@ def read_hf_dir(hf_dir: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, n
     hf_config = json.loads(config_path.read_text())
     if hf_config.get("model_type") not in (None, "wav2vec2"):
         raise ConversionError(f"{config_path}: model_type {hf_config.get('model_type')!r} is not 'wav2vec2'")
+    # transformers 5 writes the *storage* dtype as "dtype" (older: "torch_dtype"); ours is the compute
+    # dtype, so an fp16 checkpoint must not turn into fp16 compute.
+    hf_config.pop("dtype", None)
+    hf_config.pop("torch_dtype", None)
     preprocessor = hf_dir / "preprocessor_config.json"
     if preprocessor.is_file():
         hf_config["do_normalize"] = json.loads(preprocessor.read_text()).get("do_normalize", True)
@@ -194,8 +199,6 @@ def jax_to_hf(model_dir: str | pathlib.Path, output: str | pathlib.Path, legacy_
     return output
 
 
-_IGNORED_HF_KEYS = frozenset()
-
 
 def _to_numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):  # torch tensor
@@ -209,6 +212,11 @@ def _preview(items: list[str], n: int = 6) -> str:
 
 
 __all__ = [
-    "ConversionError", "MODEL_FILES", "hf_to_jax", "jax_to_hf", "params_to_state_dict", "read_hf_dir",
+    "MODEL_FILES",
+    "ConversionError",
+    "hf_to_jax",
+    "jax_to_hf",
+    "params_to_state_dict",
+    "read_hf_dir",
     "state_dict_to_params",
 ]  # fmt: skip

@@ -8,7 +8,8 @@ Every parameter has a *kind* that says how its tensor is laid out on each side.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 

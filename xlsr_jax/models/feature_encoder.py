@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from xlsr_jax.config import Wav2Vec2Config
-from xlsr_jax.models.layers import ChannelNorm, Dense, LayerNorm, activation, conv1d, logical, torch_linear_uniform
+from xlsr_jax.models.layers import Dense, LayerNorm, activation, conv1d, logical, torch_linear_uniform
 
 
 def frame_mask(config: Wav2Vec2Config, attention_mask: jax.Array, num_frames: int) -> jax.Array:
@@ -43,7 +43,7 @@ class ConvLayer(nn.Module):
             # PyTorch's LayerNorm default eps here, not config.layer_norm_eps (as in Hugging Face).
             x = LayerNorm("conv_out", epsilon=1e-5, dtype=dtype, name="layer_norm")(x)
         elif self.layer_id == 0:
-            x = ChannelNorm("conv_out", epsilon=1e-5, dtype=dtype, name="layer_norm")(x)
+            x = LayerNorm("conv_out", epsilon=1e-5, dtype=dtype, reduce_axis=-2, name="layer_norm")(x)
         return activation(cfg.feat_extract_activation)(x)
 
 

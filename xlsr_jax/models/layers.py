@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -78,11 +78,16 @@ class Dense(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm over the last axis, statistics in float32 (PyTorch semantics: biased variance)."""
+    """Normalization over `reduce_axis` with a per-channel affine; statistics in float32.
+
+    PyTorch semantics (biased variance). `reduce_axis=-1` is LayerNorm; `reduce_axis=-2` on [B, T, C]
+    is GroupNorm with one group per channel (each channel normalized over time, wav2vec 2.0 base).
+    """
 
     axis_name: str | None
     epsilon: float = 1e-5
     dtype: jnp.dtype = jnp.float32
+    reduce_axis: int = -1
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -90,27 +95,8 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", logical(nn.initializers.ones, (self.axis_name,)), (features,))
         bias = self.param("bias", logical(nn.initializers.zeros, (self.axis_name,)), (features,))
         x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-        return y.astype(self.dtype)
-
-
-class ChannelNorm(nn.Module):
-    """GroupNorm with one group per channel ([B, T, C]): each channel normalized over time."""
-
-    axis_name: str | None
-    epsilon: float = 1e-5
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        features = x.shape[-1]
-        scale = self.param("scale", logical(nn.initializers.ones, (self.axis_name,)), (features,))
-        bias = self.param("bias", logical(nn.initializers.zeros, (self.axis_name,)), (features,))
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-2, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-2, keepdims=True)
+        mean = x32.mean(self.reduce_axis, keepdims=True)
+        var = jnp.square(x32 - mean).mean(self.reduce_axis, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
         return y.astype(self.dtype)
 

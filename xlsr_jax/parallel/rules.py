@@ -7,7 +7,7 @@ act_heads, act_conv.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
