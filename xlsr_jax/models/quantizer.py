@@ -18,6 +18,11 @@ class QuantizerOutput:
     codes: jax.Array  # [B, T, G] int32: the chosen codeword per group
 
 
+def gumbel_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Standard Gumbel noise in float32 (a module-level function so parity tests can inject noise)."""
+    return jax.random.gumbel(key, shape, jnp.float32)
+
+
 class GumbelVectorQuantizer(nn.Module):
     """Projects features to G*V logits and picks one codeword per group.
 
@@ -46,7 +51,7 @@ class GumbelVectorQuantizer(nn.Module):
             codes = jnp.argmax(logits, axis=-1)
             one_hot = jax.nn.one_hot(codes, entries, dtype=jnp.float32)
         else:
-            gumbel = jax.random.gumbel(self.make_rng("gumbel"), logits.shape, jnp.float32)
+            gumbel = gumbel_noise(self.make_rng("gumbel"), logits.shape)
             soft = jax.nn.softmax((logits + gumbel) / temperature, axis=-1)
             codes = jnp.argmax(soft, axis=-1)
             hard = jax.nn.one_hot(codes, entries, dtype=jnp.float32)
