@@ -53,16 +53,28 @@ def test_loss_parity_with_hugging_face(preset, monkeypatch):
     monkeypatch.setattr(quantizer_module, "gumbel_noise", lambda key, shape: jnp.asarray(noise).reshape(shape))
     hf.set_gumbel_temperature(tau)
     offsets = (np.arange(bsz) * frames)[:, None, None]
-    with torch.no_grad():
-        out = hf(torch.tensor(np.asarray(b.input_values)), attention_mask=torch.tensor(np.asarray(b.attention_mask)),
-                 mask_time_indices=torch.tensor(np.asarray(b.mask_time_indices)),
-                 sampled_negative_indices=torch.tensor(np.asarray(b.sampled_negatives) + offsets))
-    loss, m = pretraining_loss(build_model(config, "pretraining"), params, b, tau, jax.random.key(0))
+    out = hf(torch.tensor(np.asarray(b.input_values)), attention_mask=torch.tensor(np.asarray(b.attention_mask)),
+             mask_time_indices=torch.tensor(np.asarray(b.mask_time_indices)),
+             sampled_negative_indices=torch.tensor(np.asarray(b.sampled_negatives) + offsets))
+    out.loss.backward()
+    model = build_model(config, "pretraining")
+    (loss, m), grads = jax.value_and_grad(
+        lambda p: pretraining_loss(model, p, b, tau, jax.random.key(0)), has_aux=True)(params)
+    # Gradients too (straight-through estimator included): HF's .grad tensors have the parameters'
+    # layout, so the same converter maps them onto our tree.
+    hf_grads = state_dict_to_params(
+        {k: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy() for k, p in hf.named_parameters()},
+        config, "pretraining")
+    scale = max(float(np.abs(g).max()) for g in jax.tree_util.tree_leaves(hf_grads))
+    grad_diff = max(float(np.abs(np.asarray(a) - b_).max()) for a, b_ in
+                    zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(hf_grads)))
+    print(preset, "max grad diff / max grad", grad_diff / scale)
+    assert grad_diff / scale < 1e-4
     num_masked = float(m["num_masked"])
     ours = {"contrastive": float(m["contrastive_loss"]), "diversity": float(m["diversity_loss"]) * num_masked,
             "perplexity": float(m["prob_perplexity"]), "loss": float(loss)}
-    theirs = {"contrastive": float(out.contrastive_loss), "diversity": float(out.diversity_loss),
-              "perplexity": float(out.codevector_perplexity), "loss": float(out.loss)}
+    theirs = {"contrastive": out.contrastive_loss.item(), "diversity": out.diversity_loss.item(),
+              "perplexity": out.codevector_perplexity.item(), "loss": out.loss.item()}
     rel = {k: abs(ours[k] - theirs[k]) / abs(theirs[k]) for k in ours}
     print(preset, ours, theirs, rel)
     assert num_masked == float(b.mask_time_indices.sum()) > 10
