@@ -142,3 +142,28 @@ def pretraining_loss(
     )
     metrics["temperature"] = jnp.asarray(temperature, jnp.float32)
     return loss, metrics
+
+
+@flax.struct.dataclass
+class ContrastiveObjective:
+    """The pretraining objective as the train step calls it: (loss_sum, denominator, metrics).
+
+    The denominator is the masked-frame count: gradients are divided by it, as fairseq divides by
+    sample_size. Temperatures follow `gumbel_temperature(step, ...)`.
+    """
+
+    gumbel_start: float = flax.struct.field(pytree_node=False, default=2.0)
+    gumbel_floor: float = flax.struct.field(pytree_node=False, default=0.5)
+    gumbel_decay: float = flax.struct.field(pytree_node=False, default=0.999995)
+    feature_penalty_weight: float = flax.struct.field(pytree_node=False, default=0.0)
+
+    def __call__(self, model, params, batch, step, rng, deterministic=False):
+        if not isinstance(batch, PretrainingBatch):
+            batch = PretrainingBatch(batch["input_values"], batch["attention_mask"], batch["mask_time_indices"],
+                                     batch["sampled_negatives"])
+        tau = gumbel_temperature(step, self.gumbel_start, self.gumbel_floor, self.gumbel_decay)
+        loss, metrics = pretraining_loss(model, params, batch, tau, rng, deterministic, self.feature_penalty_weight)
+        metrics = dict(metrics)
+        metrics.pop("loss")  # the step reports the normalized total
+        metrics["contrastive_loss"] = metrics["contrastive_loss"] / jnp.maximum(metrics["num_masked"], 1.0)
+        return loss, metrics["num_masked"], metrics

@@ -1,0 +1,119 @@
+"""Optimizer and learning-rate schedules (fairseq's polynomial decay and tri-stage, cosine).
+
+AdamW with decoupled weight decay masked off biases, norm scales and the weight-norm magnitude;
+global-norm clipping; parameters can be frozen (no update, no weight decay) until a step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from xlsr_jax.config import ConfigError
+
+_NO_DECAY_LEAVES = ("bias", "scale", "weight_g")
+
+
+def polynomial_decay(peak_lr: float, warmup_steps: int, total_steps: int, end_lr: float = 0.0,
+                     power: float = 1.0) -> optax.Schedule:
+    """fairseq `polynomial_decay`: linear warmup from 0, then (peak-end)*(1-progress)^power + end."""
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = peak_lr * step / max(warmup_steps, 1)
+        progress = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+        decay = (peak_lr - end_lr) * (1.0 - progress) ** power + end_lr
+        return jnp.where(step < warmup_steps, warm, decay)
+
+    return schedule
+
+
+def tri_stage(peak_lr: float, total_steps: int, phase_ratio=(0.1, 0.4, 0.5), init_lr_scale: float = 0.01,
+              final_lr_scale: float = 0.05) -> optax.Schedule:
+    """fairseq `tri_stage`: linear warmup from init_lr_scale*peak, hold, exponential decay to final_lr_scale*peak."""
+    warmup, hold, decay = (int(r * total_steps) for r in phase_ratio)
+    init_lr, final_lr = init_lr_scale * peak_lr, final_lr_scale * peak_lr
+    decay_factor = -jnp.log(final_lr_scale) / max(decay, 1)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = init_lr + (peak_lr - init_lr) * step / max(warmup, 1)
+        down = peak_lr * jnp.exp(-decay_factor * (step - warmup - hold))
+        lr = jnp.where(step < warmup, warm, jnp.where(step < warmup + hold, peak_lr, down))
+        return jnp.where(step >= warmup + hold + decay, final_lr, lr)
+
+    return schedule
+
+
+def cosine(peak_lr: float, warmup_steps: int, total_steps: int, end_lr: float = 0.0) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(0.0, peak_lr, max(warmup_steps, 1), max(total_steps, 2), end_lr)
+
+
+def make_schedule(cfg: Mapping) -> optax.Schedule:
+    """A schedule from `optim` config fields (schedule, peak_lr, warmup_steps, total_steps, ...)."""
+    name = cfg["schedule"]
+    if name == "polynomial":
+        return polynomial_decay(cfg["peak_lr"], cfg["warmup_steps"], cfg["total_steps"], cfg.get("end_lr", 0.0),
+                                cfg.get("power", 1.0))
+    if name == "tri_stage":
+        return tri_stage(cfg["peak_lr"], cfg["total_steps"], tuple(cfg.get("phase_ratio", (0.1, 0.4, 0.5))),
+                         cfg.get("init_lr_scale", 0.01), cfg.get("final_lr_scale", 0.05))
+    if name == "cosine":
+        return cosine(cfg["peak_lr"], cfg["warmup_steps"], cfg["total_steps"], cfg.get("end_lr", 0.0))
+    raise ConfigError(f"unknown optim.schedule {name!r}; choose polynomial, tri_stage or cosine")
+
+
+def _path_names(path) -> tuple[str, ...]:
+    # Dict keys only: logical-partitioning boxes add a `.value` attribute step to boxed leaves' paths.
+    return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def decay_mask(params) -> dict:
+    """True where weight decay applies: every weight except biases, norm scales and weight-norm g."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: _path_names(p)[-1] not in _NO_DECAY_LEAVES, params)
+
+
+def subtree_mask(params, prefixes: tuple[tuple[str, ...], ...]) -> dict:
+    """True on leaves whose path starts with one of `prefixes` (e.g. ("wav2vec2", "feature_extractor"))."""
+    def hit(path, _):
+        names = _path_names(path)
+        return any(names[: len(p)] == tuple(p) for p in prefixes)
+
+    return jax.tree_util.tree_map_with_path(hit, params)
+
+
+def freeze(mask_fn: Callable, until_step: int | None = None) -> optax.GradientTransformation:
+    """Zero the updates of masked leaves (always, or while step < until_step).
+
+    Placed last in the chain, so frozen parameters get neither gradient steps nor weight decay.
+    """
+
+    def init(params):
+        del params
+        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        mask = mask_fn(updates)
+        active = jnp.asarray(True) if until_step is None else state.count < until_step
+        updates = jax.tree_util.tree_map(lambda u, m: jnp.where(m & active, jnp.zeros_like(u), u), updates, mask)
+        return updates, optax.ScaleByScheduleState(count=state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(cfg: Mapping) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optimizer, schedule) from the `optim` config section."""
+    schedule = make_schedule(cfg)
+    chain = []
+    if cfg.get("clip_norm"):
+        chain.append(optax.clip_by_global_norm(cfg["clip_norm"]))
+    chain.append(optax.adamw(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.98), eps=cfg.get("eps", 1e-6),
+                             weight_decay=cfg.get("weight_decay", 0.01), mask=decay_mask))
+    if cfg.get("freeze_feature_encoder"):
+        chain.append(freeze(lambda t: subtree_mask(t, (("wav2vec2", "feature_extractor"),))))
+    if cfg.get("freeze_encoder_steps", 0):
+        chain.append(freeze(lambda t: subtree_mask(t, (("wav2vec2",),)), until_step=cfg["freeze_encoder_steps"]))
+    return optax.chain(*chain), schedule

@@ -1,0 +1,90 @@
+"""The train step: one pure function, jitted once per batch shape with explicit shardings.
+
+`xlsr-jax fit` lowers and compiles exactly this function for a TPU topology, so it must not
+depend on anything but its arguments (state, batch) and the closed-over static pieces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from xlsr_jax.train.state import TrainState
+
+# Metrics that are counts: summed over micro-batches; everything else is averaged weighted by the
+# micro-batch's denominator (e.g. masked frames).
+_COUNTS = ("num_masked",)
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                    objective: Callable, accum_steps: int = 1) -> Callable:
+    """train_step(state, batch) -> (state, metrics); batch leaves have the global batch first."""
+
+    def grads_of(params, batch, step, key):
+        def loss_fn(p):
+            loss_sum, denom, metrics = objective(model, p, batch, step, key, deterministic=False)
+            return loss_sum, (denom, metrics)
+
+        (loss_sum, (denom, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return loss_sum, denom, metrics, grads
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(state.rng, state.step)
+        if accum_steps == 1:
+            loss_sum, denom, metrics, grads = grads_of(state.params, batch, state.step, key)
+        else:
+            micro = jax.tree_util.tree_map(
+                lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+
+            def body(carry, inputs):
+                i, mb = inputs
+                ls, d, m, g = grads_of(state.params, mb, state.step, jax.random.fold_in(key, i))
+                acc_ls, acc_d, acc_m, acc_g = carry
+                acc_m = {k: acc_m[k] + (m[k] if k in _COUNTS else m[k] * d) for k in acc_m}
+                return (acc_ls + ls, acc_d + d, acc_m, jax.tree_util.tree_map(jnp.add, acc_g, g)), None
+
+            shapes = jax.eval_shape(lambda: grads_of(state.params, jax.tree_util.tree_map(lambda x: x[0], micro),
+                                                     state.step, key))
+            zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+            init = (zeros[0], zeros[1], zeros[2], zeros[3])
+            (loss_sum, denom, metrics, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum_steps), micro))
+            metrics = {k: v if k in _COUNTS else v / jnp.maximum(denom, 1.0) for k, v in metrics.items()}
+        denom = jnp.maximum(denom, 1.0)
+        grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
+        loss = loss_sum / denom
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+        def apply(_):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state), None)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+        )
+        out = dict(metrics)
+        out.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step), finite=finite,
+                   skipped=new_state.skipped)
+        return new_state, out
+
+    return train_step
+
+
+def make_eval_step(model, objective: Callable) -> Callable:
+    """eval_step(params, batch) -> metrics (deterministic: no dropout, argmax codes)."""
+
+    def eval_step(params, batch):
+        loss_sum, denom, metrics = objective(model, params, batch, jnp.zeros([], jnp.int32), None, deterministic=True)
+        out = dict(metrics)
+        out["loss"] = loss_sum / jnp.maximum(denom, 1.0)
+        return out
+
+    return eval_step
