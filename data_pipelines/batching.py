@@ -1,0 +1,143 @@
+"""Length buckets and the global batch plan: which records form global batch i, padded to what.
+
+Everything here works on record indices and the lengths file, never on audio, and is a pure
+function of (stream, lengths, seed, batch index). Every host computes the same plan and reads only
+its rows, so all hosts pad step i to the same bucket (`jax.make_array_from_process_local_data`
+needs equal shapes) and resuming at batch i reproduces batch i exactly.
+
+The stream is cut into windows of `window_batches * global_batch` consecutive records. Inside a
+window, records are grouped by bucket (keeping stream order), buckets are filled shortest first,
+and the leftover (< one global batch) of a bucket moves up into the next longer bucket, where it
+fits. A window holds a whole number of global batches, so no record is ever dropped: a window
+that straddles an epoch boundary simply holds the end of one epoch and the start of the next.
+The order of the batches inside a window is a seeded shuffle.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+import grain
+import numpy as np
+
+from data_pipelines.sampling import EpochShuffle
+
+
+def bucket_lengths(lengths: np.ndarray, num_buckets: int, multiple: int = 320) -> np.ndarray:
+    """Padded length of each bucket, ascending: length quantiles rounded up to `multiple`.
+
+    At most `num_buckets` values (equal quantiles merge); the last covers the longest record.
+    """
+    lengths = np.asarray(lengths)
+    if len(lengths) == 0:
+        raise ValueError("cannot bucket zero lengths")
+    if num_buckets < 1 or multiple < 1:
+        raise ValueError(f"num_buckets and multiple must be >= 1, got {num_buckets}, {multiple}")
+    qs = np.quantile(lengths, np.arange(1, num_buckets + 1) / num_buckets, method="higher")
+    return np.unique(-(-qs.astype(np.int64) // multiple) * multiple)
+
+
+def assign_buckets(lengths: np.ndarray, buckets: np.ndarray) -> np.ndarray:
+    """Index of the shortest bucket that holds each length."""
+    ids = np.searchsorted(buckets, lengths, side="left")
+    if (ids >= len(buckets)).any():
+        raise ValueError(f"a length exceeds the longest bucket {buckets[-1]}")
+    return ids
+
+
+def plan_window(bucket_ids: np.ndarray, num_buckets: int, global_batch: int, rng: np.random.Generator):
+    """(batches [W / global_batch, global_batch] offsets into the window, bucket of each batch).
+
+    `len(bucket_ids)` must be a multiple of `global_batch`; every offset appears exactly once.
+    """
+    if len(bucket_ids) % global_batch:
+        raise ValueError(f"window of {len(bucket_ids)} records is not a multiple of {global_batch}")
+    rows, row_buckets = [], []
+    carry = np.zeros(0, dtype=np.int64)
+    for b in range(num_buckets):
+        members = np.concatenate([carry, np.flatnonzero(bucket_ids == b)])
+        full = len(members) // global_batch * global_batch
+        rows.append(members[:full].reshape(-1, global_batch))
+        row_buckets.append(np.full(full // global_batch, b, dtype=np.int64))
+        carry = members[full:]  # shorter than bucket b + 1: padded there instead of dropped
+    assert len(carry) == 0
+    batches, buckets = np.concatenate(rows), np.concatenate(row_buckets)
+    order = rng.permutation(len(batches))
+    return batches[order], buckets[order]
+
+
+class BatchPlan:
+    """Global batch i -> (stream positions, record indices, padded length); thread-safe, picklable."""
+
+    def __init__(
+        self,
+        stream: grain.MapDataset | EpochShuffle,
+        effective_lengths: np.ndarray,
+        buckets: np.ndarray,
+        global_batch: int,
+        window_batches: int,
+        seed: int,
+        epoch_records: int,
+    ):
+        """`effective_lengths[r]`: samples record r has after cropping; `epoch_records`: records per epoch."""
+        if global_batch < 1:
+            raise ValueError(f"global batch must be >= 1, got {global_batch}")
+        if epoch_records < global_batch:
+            raise ValueError(
+                f"only {epoch_records} usable records per epoch, "
+                f"fewer than one global batch of {global_batch}"
+            )
+        self.stream = stream
+        self.effective_lengths = np.asarray(effective_lengths, dtype=np.int64)
+        self.buckets = np.asarray(buckets, dtype=np.int64)
+        self.global_batch = global_batch
+        # About one epoch per window when the split is small, bounded so a window stays cheap to plan.
+        self.window_batches = max(1, min(window_batches, epoch_records // global_batch))
+        self.seed = seed
+        self.num_batches = sys.maxsize if len(stream) >= sys.maxsize else len(stream) // global_batch
+        self._lock = threading.Lock()
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        del state["_lock"], state["_cache"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._cache = {}
+
+    def _window(self, k: int):
+        """(records in stream order, batches as window offsets, bucket ids) of window k."""
+        with self._lock:
+            if k in self._cache:
+                return self._cache[k]
+            size = self.window_batches * self.global_batch
+            start = k * size
+            stop = min(start + size, self.num_batches * self.global_batch)
+            take = getattr(self.stream, "take", None)
+            if take is not None:
+                recs = take(start, stop)
+            else:
+                recs = np.fromiter(
+                    (self.stream[i] for i in range(start, stop)), dtype=np.int64, count=stop - start
+                )
+            ids = assign_buckets(self.effective_lengths[recs], self.buckets)
+            rng = np.random.default_rng([self.seed, 2, k])
+            batches, batch_buckets = plan_window(ids, len(self.buckets), self.global_batch, rng)
+            if len(self._cache) >= 2:  # consumers move forward: keep the current and the next window
+                self._cache.pop(min(self._cache))
+            self._cache[k] = (recs, batches, batch_buckets)
+            return self._cache[k]
+
+    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(stream positions [G], record indices [G], padded length) of global batch `index`."""
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"batch {index} outside [0, {self.num_batches})")
+        k, j = divmod(index, self.window_batches)
+        recs, batches, batch_buckets = self._window(k)
+        offsets = batches[j]
+        positions = k * self.window_batches * self.global_batch + offsets
+        return positions, recs[offsets], int(self.buckets[batch_buckets[j]])

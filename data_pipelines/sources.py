@@ -1,0 +1,71 @@
+"""Random-access utterance sources the grain pipeline reads: prepared ArrayRecord shards, or any
+other store that gives audio, text and a length per record (see `tfds_builder.TfdsAudioSource`).
+"""
+
+from __future__ import annotations
+
+import io
+import pathlib
+from collections.abc import Sequence
+from typing import Protocol
+
+import grain
+import numpy as np
+
+from data_pipelines import records
+
+
+class AudioSource(Protocol):
+    """What the pipeline needs from a data set: lengths up front, then records by index."""
+
+    lengths: np.ndarray  # [N] samples per record (16 kHz), for filtering and bucketing
+    language_ids: np.ndarray  # [N] int index into `languages`
+    languages: list[str]
+
+    def __len__(self) -> int: ...
+
+    def read(self, indices: Sequence[int]) -> list[tuple[np.ndarray, str]]:
+        """(mono 16 kHz audio as int16 PCM or float32 in [-1, 1], transcript) per index."""
+        ...
+
+
+def pcm16_payload(meta: dict, payload: memoryview) -> np.ndarray:
+    """The int16 samples of a record payload, without the float conversion of `decode_record`."""
+    # Cropping happens on int16 so that only the kept samples are converted to float.
+    if meta["codec"] == "pcm16":
+        return np.frombuffer(payload, dtype="<i2")
+    if meta["codec"] == "flac":
+        import soundfile
+
+        pcm, _ = soundfile.read(io.BytesIO(bytes(payload)), dtype="int16")
+        return pcm
+    raise ValueError(f"record {meta.get('id')!r} has unknown codec {meta['codec']!r}")
+
+
+class PreparedSource:
+    """One split of a prepared directory, read with `grain.sources.ArrayRecordDataSource`."""
+
+    def __init__(self, data_dir: str | pathlib.Path, split: str):
+        index = records.DatasetIndex.load(data_dir)
+        paths = [str(p) for p in index.shard_paths(data_dir, split)]
+        self.records = grain.sources.ArrayRecordDataSource(paths)
+        self.lengths = index.lengths(data_dir, split).astype(np.int64)
+        self.language_ids = index.language_ids(data_dir, split).astype(np.int32)
+        self.languages = list(index.languages)
+        if not (len(self.records) == len(self.lengths) == len(self.language_ids)):
+            raise ValueError(
+                f"{data_dir} split {split!r}: {len(self.records)} records in the shards but "
+                f"{len(self.lengths)} lengths and {len(self.language_ids)} language ids in the index files"
+            )
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def read(self, indices: Sequence[int]) -> list[tuple[np.ndarray, str]]:
+        out = []
+        # One record at a time: ArrayRecordDataSource.__getitems__ starts a thread pool per call,
+        # which costs more than it saves for a batch of a few dozen records.
+        for raw in (self.records[int(i)] for i in indices):
+            meta, payload = records.decode_metadata(raw)
+            out.append((pcm16_payload(meta, payload), meta.get("text", "")))
+        return out
