@@ -8,6 +8,7 @@ import pathlib
 import sys
 import time
 
+from data_pipelines.ingest.layouts import LAYOUTS
 from xlsr_jax.config import HEADS, PRESETS, ConfigError
 
 
@@ -89,6 +90,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from data_pipelines.ingest.prepare import prepare, summarize
+
+    t0 = time.perf_counter()
+    index = prepare(args.inputs, args.output, layout=args.layout, num_shards=args.num_shards,
+                    records_per_shard=args.records_per_shard, codec=args.codec, min_seconds=args.min_seconds,
+                    max_seconds=args.max_seconds, split_long=args.split_long, split=args.split,
+                    language=args.language, language_from_parent=args.language_from_parent,
+                    strict=args.strict, workers=args.workers, progress=not args.quiet)
+    print(f"{summarize(index)} -> {args.output} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from xlsr_jax.experiment import load_experiment
+    from xlsr_jax.train.loop import train_and_evaluate
+
+    config = load_experiment(args.config, args.overrides)
+    result = train_and_evaluate(config, args.workdir)
+    state = "preempted: saved and stopped" if result.preempted else "done"
+    print(f"{state} at step {result.step}; checkpoints and metrics.jsonl in {args.workdir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlsr-jax", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -130,12 +155,43 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="xlsr_jax_demo")
     demo.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     demo.set_defaults(func=_cmd_demo)
+
+    prep = sub.add_parser("prepare", help="ingest audio files into ArrayRecord shards + dataset.json")
+    prep.add_argument("inputs", nargs="+", help="audio folder, fairseq .tsv, Common Voice or LibriSpeech "
+                                                "directory, or a corpus directory with manifest.tsv")
+    prep.add_argument("output", help="output directory (new, empty, or an interrupted run to resume)")
+    prep.add_argument("--layout", choices=LAYOUTS, help="input layout (default: detected)")
+    prep.add_argument("--codec", choices=["pcm16", "flac"], default="pcm16")
+    prep.add_argument("--num-shards", type=int, help="shards per split (default: from --records-per-shard)")
+    prep.add_argument("--records-per-shard", type=int, default=2000)
+    prep.add_argument("--min-seconds", type=float, default=0.5)
+    prep.add_argument("--max-seconds", type=float, default=30.0)
+    prep.add_argument("--split-long", action="store_true", help="cut files over --max-seconds into chunks")
+    prep.add_argument("--split", help="split name for layouts without splits; otherwise keep only this split")
+    lang = prep.add_mutually_exclusive_group()
+    lang.add_argument("--language", help="language code for inputs the layout leaves unlabeled")
+    lang.add_argument("--language-from-parent", action="store_true",
+                      help="language = name of each audio file's parent directory")
+    prep.add_argument("--strict", action="store_true", help="fail on the first bad input instead of skipping it")
+    prep.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores; 0: none)")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(func=_cmd_prepare)
+
+    train = sub.add_parser("train", help="train (or resume) an experiment; extra --config.a.b=value override it",
+                           description="Resumes from the newest checkpoint in --workdir by itself.")
+    train.add_argument("--config", required=True, help="experiments/<file>.py[:preset]")
+    train.add_argument("--workdir", required=True)
+    train.set_defaults(func=_cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `xlsr-jax` console script."""
-    args = build_parser().parse_args(argv)
+    # `--config.a.b=value` overrides are not argparse options: split them off first.
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if a.startswith("--config.")]
+    args = build_parser().parse_args([a for a in argv if not a.startswith("--config.")])
+    args.overrides = overrides
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     from data_pipelines.audio import AudioError

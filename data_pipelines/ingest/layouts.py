@@ -1,0 +1,265 @@
+"""Input layouts: turn a folder or manifest on disk into a list of `Item`s to ingest.
+
+Layouts (auto-detected, or forced with `layout=`):
+
+- `corpus`: a directory with `manifest.tsv` (header `path, language, split, text`; `id` optional;
+  paths relative to the directory), as the embedded corpus `data_pipelines/corpus/speech`.
+- `commonvoice`: a locale directory with `clips/` and `train.tsv`/`dev.tsv`/`test.tsv` (columns
+  `path`, `sentence`, `locale`); the split is the table's name; without a `locale` column the
+  language is `language`, else the directory's name (Common Voice names it after the locale).
+- `fairseq`: a manifest `NAME.tsv` (first line the audio root, then `path<TAB>num_samples`) or a
+  directory of them; the split is NAME; transcripts from `NAME.wrd`, else `NAME.ltr`, beside it.
+- `librispeech`: `SPEAKER/CHAPTER/SPEAKER-CHAPTER.trans.txt` (lines `ID text`, audio `ID.flac`),
+  one level deeper when the input holds several subsets (the subset directory is the split).
+- `folder`: any tree of audio files (wav, flac, ogg, mp3); an optional `<stem>.txt` beside a file is
+  its transcript.
+
+`split` names the split of layouts without one (folder, fairseq file, one LibriSpeech subset) and,
+for layouts with splits, keeps only that split. `language` labels items the layout leaves
+unlabeled; `language_from_parent` takes it from each audio file's parent directory name.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable, Sequence
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+UNKNOWN_LANGUAGE = "und"  # ISO 639-2 "undetermined", for data with no language label
+DEFAULT_SPLIT = "train"
+_CV_SPLITS = ("train", "dev", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One input audio file and what the layout says about it."""
+
+    path: str
+    id: str
+    split: str
+    language: str = UNKNOWN_LANGUAGE
+    text: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    split: str | None
+    language: str | None
+    language_from_parent: bool
+
+    def language_of(self, audio: pathlib.Path, default: str | None = None) -> str:
+        if self.language_from_parent:
+            return audio.parent.name
+        return self.language or default or UNKNOWN_LANGUAGE
+
+
+def _read_tsv(path: pathlib.Path) -> list[dict[str, str]]:
+    # QUOTE_NONE: Common Voice sentences contain bare quotes that the default dialect would eat.
+    with path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+def _require_columns(path: pathlib.Path, rows: list[dict[str, str]], columns: Sequence[str]) -> None:
+    if rows and (missing := [c for c in columns if c not in rows[0]]):
+        raise ValueError(f"{path}: missing column(s) {missing}; it has {sorted(rows[0])}")
+
+
+def _is_fairseq_manifest(path: pathlib.Path) -> bool:
+    with path.open(encoding="utf-8") as f:
+        first, second = f.readline(), f.readline()
+    return bool(first.strip()) and "\t" not in first and (not second or len(second.split("\t")) == 2)
+
+
+def read_corpus(root: pathlib.Path, opts: _Options) -> list[Item]:
+    """`manifest.tsv` with path, language, split, text (and optional id) columns."""
+    manifest = root / "manifest.tsv" if root.is_dir() else root
+    base = manifest.parent
+    rows = _read_tsv(manifest)
+    _require_columns(manifest, rows, ["path"])
+    items = []
+    for row in rows:
+        audio = base / row["path"]
+        split = row.get("split") or opts.split or DEFAULT_SPLIT
+        language = row.get("language") or opts.language_of(audio)
+        items.append(Item(str(audio), row.get("id") or audio.stem, split, language, row.get("text") or ""))
+    return items
+
+
+def read_commonvoice(root: pathlib.Path, opts: _Options) -> list[Item]:
+    """Common Voice locale directory: clips/ plus train/dev/test.tsv."""
+    tables = [root / f"{s}.tsv" for s in _CV_SPLITS if (root / f"{s}.tsv").is_file()]
+    if not (root / "clips").is_dir() or not tables:
+        raise ValueError(f"{root} is not a Common Voice directory: needs clips/ and train.tsv, dev.tsv "
+                         f"or test.tsv")
+    items = []
+    for table in tables:
+        rows = _read_tsv(table)
+        _require_columns(table, rows, ["path", "sentence"])
+        for row in rows:
+            audio = root / "clips" / row["path"]
+            language = row.get("locale") or opts.language_of(audio, default=root.name)
+            items.append(Item(str(audio), audio.stem, table.stem, language, row["sentence"].strip()))
+    return items
+
+
+def _fairseq_transcripts(manifest: pathlib.Path, n: int) -> list[str]:
+    wrd, ltr = manifest.with_suffix(".wrd"), manifest.with_suffix(".ltr")
+    if wrd.is_file():
+        lines = [line.strip() for line in wrd.read_text(encoding="utf-8").splitlines()]
+    elif ltr.is_file():
+        # Letter targets: "H E L L O | W O R L D |" -> "HELLO WORLD".
+        lines = [" ".join(line.replace(" ", "").split("|")).strip()
+                 for line in ltr.read_text(encoding="utf-8").splitlines()]
+    else:
+        return [""] * n
+    if len(lines) != n:
+        source = wrd if wrd.is_file() else ltr
+        raise ValueError(f"{source}: {len(lines)} transcript lines for {n} manifest entries")
+    return lines
+
+
+def _read_fairseq_file(manifest: pathlib.Path, opts: _Options) -> list[Item]:
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+    if not lines or "\t" in lines[0]:
+        raise ValueError(f"{manifest} is not a fairseq manifest: the first line must be the audio root "
+                         f"directory")
+    root = pathlib.Path(lines[0].strip())
+    if not root.is_absolute():
+        root = manifest.parent / root
+    entries = [line for line in lines[1:] if line.strip()]
+    texts = _fairseq_transcripts(manifest, len(entries))
+    items = []
+    for line, text in zip(entries, texts):
+        rel = line.split("\t")[0]
+        audio = root / rel
+        uid = os.path.splitext(rel)[0]
+        items.append(Item(str(audio), uid, opts.split or manifest.stem, opts.language_of(audio), text))
+    return items
+
+
+def read_fairseq(root: pathlib.Path, opts: _Options) -> list[Item]:
+    """A fairseq manifest .tsv, or a directory holding several (train.tsv, valid.tsv, ...)."""
+    if root.is_file():
+        return _read_fairseq_file(root, opts)
+    manifests = [p for p in sorted(root.glob("*.tsv")) if _is_fairseq_manifest(p)]
+    if not manifests:
+        raise ValueError(f"{root} holds no fairseq manifest (*.tsv whose first line is the audio root)")
+    # Several manifests: each is a split, so `split` filters rather than renames.
+    per_file = _Options(None, opts.language, opts.language_from_parent)
+    return [item for m in manifests for item in _read_fairseq_file(m, per_file)]
+
+
+def read_librispeech(root: pathlib.Path, opts: _Options) -> list[Item]:
+    """LibriSpeech: */*/*.trans.txt (one subset) or */*/*/*.trans.txt (subsets as splits)."""
+    single = sorted(root.glob("*/*/*.trans.txt"))
+    transcripts = single or sorted(root.glob("*/*/*/*.trans.txt"))
+    if not transcripts:
+        raise ValueError(f"{root} is not a LibriSpeech directory: no SPEAKER/CHAPTER/*.trans.txt found")
+    items = []
+    for trans in transcripts:
+        split = (opts.split or root.name) if single else trans.parents[2].name
+        for line in trans.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            uid, _, text = line.strip().partition(" ")
+            audio = trans.parent / f"{uid}.flac"
+            items.append(Item(str(audio), uid, split, opts.language_of(audio, default="en"), text.strip()))
+    return items
+
+
+def _audio_files(root: pathlib.Path) -> list[pathlib.Path]:
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+
+
+def read_folder(root: pathlib.Path, opts: _Options) -> list[Item]:
+    """Every audio file under `root` (or `root` itself when it is one file)."""
+    files = [root] if root.is_file() else _audio_files(root)
+    if not files:
+        raise ValueError(f"{root} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
+    base = root.parent if root.is_file() else root
+    items = []
+    for audio in files:
+        sidecar = audio.with_suffix(".txt")
+        text = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
+        uid = audio.relative_to(base).with_suffix("").as_posix()
+        items.append(Item(str(audio), uid, opts.split or DEFAULT_SPLIT, opts.language_of(audio), text))
+    return items
+
+
+READERS: dict[str, Callable[[pathlib.Path, _Options], list[Item]]] = {
+    "corpus": read_corpus,
+    "commonvoice": read_commonvoice,
+    "fairseq": read_fairseq,
+    "librispeech": read_librispeech,
+    "folder": read_folder,
+}
+LAYOUTS = tuple(READERS)
+
+
+def detect_layout(path: str | os.PathLike[str]) -> str:
+    """Names the layout of `path`, or raises ValueError saying what was looked for."""
+    root = pathlib.Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"input {root} does not exist")
+    if root.is_file():
+        if root.suffix.lower() in AUDIO_EXTENSIONS:
+            return "folder"
+        if root.suffix == ".tsv":
+            return "fairseq" if _is_fairseq_manifest(root) else "corpus"
+    else:
+        if (root / "manifest.tsv").is_file():
+            return "corpus"
+        if (root / "clips").is_dir() and any((root / f"{s}.tsv").is_file() for s in _CV_SPLITS):
+            return "commonvoice"
+        if any(_is_fairseq_manifest(p) for p in root.glob("*.tsv")):
+            return "fairseq"
+        if next(root.glob("*/*/*.trans.txt"), None) or next(root.glob("*/*/*/*.trans.txt"), None):
+            return "librispeech"
+        if any(p.suffix.lower() in AUDIO_EXTENSIONS for p in root.rglob("*")):
+            return "folder"
+    raise ValueError(
+        f"no input layout matches {root}: expected a directory with manifest.tsv (corpus), clips/ + "
+        f"train/dev/test.tsv (commonvoice), a fairseq manifest .tsv, */*/*.trans.txt (librispeech) or "
+        f"audio files ({', '.join(AUDIO_EXTENSIONS)}); force one with --layout {{{','.join(LAYOUTS)}}}")
+
+
+def discover(
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    layout: str | None = None,
+    split: str | None = None,
+    language: str | None = None,
+    language_from_parent: bool = False,
+) -> tuple[list[Item], list[str]]:
+    """Lists the items of every input; returns (items sorted by split and id, layout per input)."""
+    if layout is not None and layout not in READERS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    if language is not None and language_from_parent:
+        raise ValueError("give either a language or language_from_parent, not both")
+    paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not paths:
+        raise ValueError("no inputs given")
+    opts = _Options(split, language, language_from_parent)
+    items: list[Item] = []
+    layouts = []
+    for path in paths:
+        name = layout or detect_layout(path)
+        root = pathlib.Path(path)
+        if not root.exists():
+            raise FileNotFoundError(f"input {root} does not exist")
+        found = READERS[name](root, opts)
+        if split is not None:
+            found = [it for it in found if it.split == split]
+        items.extend(found)
+        layouts.append(name)
+    seen: dict[tuple[str, str], str] = {}
+    for item in items:
+        if (prev := seen.setdefault((item.split, item.id), item.path)) != item.path:
+            raise ValueError(f"two inputs share the id {item.id!r} in split {item.split!r}: {prev} and "
+                             f"{item.path}")
+    if not items:
+        where = ", ".join(map(str, paths)) + (f" for split {split!r}" if split else "")
+        raise ValueError(f"no audio found in {where}")
+    return sorted(items, key=lambda it: (it.split, it.id)), layouts
