@@ -126,6 +126,7 @@ class _ReadBatch:
             "lengths": lengths,
             "texts": texts,
             "language_id": self.source.language_ids[recs].astype(np.int32),
+            "positions": np.asarray(positions, np.int64),  # global stream positions (seed per-row targets)
         }
 
 

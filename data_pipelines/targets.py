@@ -29,6 +29,7 @@ class PretrainTargets:
     model: Wav2Vec2Config
     mask_prob: float = 0.65
     crop: bool = True  # long records are randomly cropped to max_sample_size
+    seed: int = 0  # with the record's stream position, seeds its mask and negatives
 
     def check(self, min_sample_size: int) -> None:
         """Raise if the shortest record the pipeline keeps makes fewer than 2 frames."""
@@ -41,19 +42,24 @@ class PretrainTargets:
     def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
         frames = int(self.model.num_frames(raw["input_values"].shape[1]))
         lengths = np.asarray(self.model.num_frames(raw["lengths"]))
-        mask = compute_span_mask(
-            frames,
-            lengths,
-            self.mask_prob,
-            self.model.mask_time_length,
-            rng,
-            min_masks=self.model.mask_time_min_masks,
-        )
+        k = self.model.num_negatives
+        mask = np.zeros((len(lengths), frames), dtype=bool)
+        negatives = np.zeros((len(lengths), frames, k), dtype=np.int32)
+        # One generator per row, seeded by the record's global stream position: a row's mask and
+        # negatives do not depend on which host reads it or on the host count, so 1 process x 8
+        # devices and 2 processes x 4 devices train on identical batches. Equal mask counts across
+        # rows (fairseq's require_same_masks) are unnecessary: the loss takes a [B, T] mask.
+        positions = raw.get("positions")
+        for row, length in enumerate(lengths):
+            row_rng = np.random.default_rng([self.seed, 4, int(positions[row])]) if positions is not None else rng
+            mask[row] = compute_span_mask(frames, [length], self.mask_prob, self.model.mask_time_length, row_rng,
+                                          min_masks=self.model.mask_time_min_masks)[0]
+            negatives[row] = sample_negatives(mask[row : row + 1], k, row_rng)[0]
         return {
             "input_values": raw["input_values"],
             "attention_mask": raw["attention_mask"],
             "mask_time_indices": mask,
-            "sampled_negatives": sample_negatives(mask, self.model.num_negatives, rng),
+            "sampled_negatives": negatives,
         }
 
 

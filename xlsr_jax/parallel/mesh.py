@@ -19,6 +19,38 @@ from xlsr_jax.config import ConfigError, Wav2Vec2Config
 
 AXES = ("data", "fsdp", "tensor")
 
+# A data/fsdp/tensor split per machine shape (ICI within a slice, DCN across slices). FSDP over a
+# slice is the default for 300M-2B encoders (parameters and Adam state sharded, activations
+# batch-sharded); tensor parallelism only where per-chip memory is tight (v5e: 16 GB HBM);
+# slices are joined with data parallelism over DCN.
+MESH_PRESETS = {
+    # TPU (chips per slice)
+    "v4-8": {"ici": {"data": 1, "fsdp": 4, "tensor": 1}, "dcn": {}},  # 4 chips (megacore)
+    "v4-128": {"ici": {"data": 1, "fsdp": 64, "tensor": 1}, "dcn": {}},
+    "v5e-8": {"ici": {"data": 1, "fsdp": 8, "tensor": 1}, "dcn": {}},
+    "v5e-256": {"ici": {"data": 1, "fsdp": 64, "tensor": 4}, "dcn": {}},
+    "v5p-128": {"ici": {"data": 1, "fsdp": 64, "tensor": 1}, "dcn": {}},
+    "v6e-256": {"ici": {"data": 1, "fsdp": 256, "tensor": 1}, "dcn": {}},
+    "2x v5p-128": {"ici": {"data": 1, "fsdp": 64, "tensor": 1}, "dcn": {"data": 2}},
+    "2x v6e-256": {"ici": {"data": 1, "fsdp": 256, "tensor": 1}, "dcn": {"data": 2}},
+    "2x v5e-256": {"ici": {"data": 1, "fsdp": 64, "tensor": 4}, "dcn": {"data": 2}},
+    # GPU (NVLink within a node = ICI, InfiniBand across nodes = DCN)
+    "gpu-1x8": {"ici": {"data": 1, "fsdp": 8, "tensor": 1}, "dcn": {}},
+    "gpu-4x8": {"ici": {"data": 1, "fsdp": 8, "tensor": 1}, "dcn": {"data": 4}},
+    # CPU tests and smoke runs
+    "cpu": {"ici": {"data": -1, "fsdp": 1, "tensor": 1}, "dcn": {}},
+}
+
+
+def resolve_mesh_config(mesh_preset: str, mesh: Mapping) -> dict:
+    """The mesh a run uses: the named preset when set, else the explicit `mesh` section."""
+    if mesh_preset:
+        if mesh_preset not in MESH_PRESETS:
+            raise ConfigError(f"unknown mesh_preset {mesh_preset!r}; choose one of {sorted(MESH_PRESETS)} "
+                              "or set mesh_preset='' and mesh.ici/mesh.dcn")
+        return {**MESH_PRESETS[mesh_preset], "num_devices": mesh.get("num_devices", 0)}
+    return {"ici": dict(mesh.get("ici", {})), "dcn": dict(mesh.get("dcn", {})), "num_devices": mesh.get("num_devices", 0)}
+
 
 def _sizes(level: Mapping[str, int] | None, name: str) -> list[int]:
     level = dict(level or {})
@@ -56,12 +88,22 @@ def mesh_shape(mesh_config: Mapping, num_devices: int, num_slices: int = 1) -> t
 
 
 def build_mesh(mesh_config: Mapping, devices: Sequence | None = None) -> jax.sharding.Mesh:
-    """A `Mesh` with axes (data, fsdp, tensor); multi-slice meshes put DCN outermost on each axis."""
+    """A `Mesh` with axes (data, fsdp, tensor); multi-slice meshes put DCN outermost on each axis.
+
+    Granules joined over DCN are TPU slices (`device.slice_index`) or, on GPU, processes (nodes).
+    """
     devices = list(devices if devices is not None else jax.devices())
+    if mesh_config.get("num_devices"):  # use the first N devices (tests, or leaving devices idle)
+        devices = devices[: int(mesh_config["num_devices"])]
     num_slices = len({getattr(d, "slice_index", 0) for d in devices})
+    process_is_granule = False
+    wants_dcn = any(int(v) != 1 for v in dict(mesh_config.get("dcn") or {}).values())
+    if num_slices == 1 and wants_dcn:
+        num_slices = len({d.process_index for d in devices})
+        process_is_granule = True
     ici, dcn = mesh_shape(mesh_config, len(devices), num_slices)
     if num_slices > 1:
-        array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+        array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=process_is_granule)
     else:
         try:
             array = mesh_utils.create_device_mesh(ici, devices)

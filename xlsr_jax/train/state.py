@@ -16,7 +16,7 @@ class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates applied (skipped steps included)
     params: dict
     opt_state: optax.OptState
-    rng: jax.Array  # base key; the step number is folded in each step
+    rng: jax.Array  # raw uint32 key data (checkpointable); the step number is folded in each step
     skipped: jax.Array  # int32: steps skipped for a non-finite loss or gradient, in total
     nonfinite_streak: jax.Array  # int32: consecutive skipped steps (the loop stops at a limit)
 
@@ -31,7 +31,7 @@ def _init_fn(model: nn.Module, optimizer: optax.GradientTransformation, sample_s
             params=params,
             # init on the boxed params: Adam moments inherit the parameters' logical axis names
             opt_state=optimizer.init(params),
-            rng=state_key,
+            rng=jax.random.key_data(state_key),
             skipped=jnp.zeros([], jnp.int32),
             nonfinite_streak=jnp.zeros([], jnp.int32),
         )

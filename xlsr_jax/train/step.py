@@ -32,7 +32,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule: op
         return loss_sum, denom, metrics, grads
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-        key = jax.random.fold_in(state.rng, state.step)
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if accum_steps == 1:
             loss_sum, denom, metrics, grads = grads_of(state.params, batch, state.step, key)
         else:

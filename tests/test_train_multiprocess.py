@@ -1,0 +1,80 @@
+"""Multi-process training (2 local processes x 4 CPU devices) and SIGTERM preemption, in subprocesses."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import portpicker
+import pytest
+
+from data_pipelines.corpus import corpus_dir
+from data_pipelines.ingest.prepare import prepare
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "train_worker.py"
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the workers set their own device counts
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus") / "prepared"
+    prepare(corpus_dir(), out, workers=0, progress=False)
+    return out
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_process(tmp_path, data_dir):
+    steps = "4"
+    single = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "one"), str(data_dir), steps],
+                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    port = portpicker.pick_unused_port()
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path / "two"), str(data_dir), steps, str(i), "2",
+                               str(port)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    one, two = np.load(tmp_path / "one" / "params.npz"), np.load(tmp_path / "two" / "params.npz")
+    diffs = [float(np.abs(one[k] - two[k]).max()) for k in one.files]
+    losses_one, losses_two = np.load(tmp_path / "one" / "losses.npy"), np.load(tmp_path / "two" / "losses.npy")
+    print("max param diff", max(diffs), "losses", losses_one, losses_two)
+    np.testing.assert_allclose(losses_two, losses_one, rtol=1e-5)
+    assert max(diffs) < 1e-5
+    # Both processes checkpointed into the shared workdir.
+    assert (tmp_path / "two" / "checkpoints" / "4").is_dir()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_resume_continues(tmp_path, data_dir):
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, str(WORKER), str(workdir), str(data_dir), "400"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted=True" in out
+    stopped_at = int(out.strip().split("done at step ")[1].split()[0])
+    assert 3 <= stopped_at < 400
+    assert (workdir / "checkpoints" / str(stopped_at)).is_dir()
+    # A fresh process resumes from exactly there.
+    resumed = subprocess.run(cmd[:-1] + [str(stopped_at + 2)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {stopped_at}" in resumed.stdout
+    assert f"done at step {stopped_at + 2}" in resumed.stdout

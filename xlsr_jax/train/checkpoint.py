@@ -1,0 +1,109 @@
+"""Orbax checkpoints of the train state, the data iterator position and the config, saved together.
+
+Saves are asynchronous; Orbax writes into a temporary directory and renames it on commit, so a
+torn save (a killed host, a full disk) is never listed as a step and never restored. Restoring
+targets the *current* abstract sharded state, so a checkpoint written on one mesh restores onto
+another (elastic restore).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+def _data_args(iterator, save: bool):
+    """grain's Orbax handler args for an iterator with get_state/set_state, or None."""
+    if iterator is None:
+        return None
+    import grain
+
+    return grain.checkpoint.CheckpointSave(iterator) if save else grain.checkpoint.CheckpointRestore(iterator)
+
+
+class Checkpointer:
+    """Keeps the last `keep` checkpoints (plus the best by `best_metric` when given) under `directory`."""
+
+    def __init__(self, directory: str | pathlib.Path, keep: int = 3, best_metric: str | None = None,
+                 best_mode: str = "min", async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            best_fn=(lambda m: float(m[best_metric])) if best_metric else None,
+            best_mode=best_mode,
+            keep_checkpoints_without_metrics=True,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest committed step, or None."""
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state, data_iterator=None, config: Mapping | None = None,
+             metrics: Mapping[str, float] | None = None, force: bool = False) -> bool:
+        """Start an (async) save; every leaf of `state` must be a global jax.Array."""
+        items: dict[str, Any] = {"state": ocp.args.StandardSave(state)}
+        data = _data_args(data_iterator, save=True)
+        if data is not None:
+            items["data"] = data
+        if config is not None:
+            items["config"] = ocp.args.JsonSave(json.loads(json.dumps(config, default=str)))
+        return self._manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}) or None,
+                                  force=force)
+
+    def restore(self, abstract_state, data_iterator=None, step: int | None = None):
+        """State restored onto `abstract_state`'s shardings (a tree of ShapeDtypeStruct with .sharding).
+
+        `data_iterator` (if given) is set to the saved position in place. Returns (step, state).
+        """
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no committed checkpoint in {self.directory}")
+        items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_state)}
+        data = _data_args(data_iterator, save=False)
+        if data is not None:
+            items["data"] = data
+        restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+        log.info("restored step %d from %s", step, self.directory)
+        return step, restored["state"]
+
+    def read_state(self, step: int | None = None):
+        """The saved train state as written (no resharding): for inspection and export on one host."""
+        step = self.latest_step() if step is None else step
+        return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+
+    def saved_config(self, step: int | None = None) -> dict | None:
+        step = self.latest_step() if step is None else step
+        path = self.directory / str(step) / "config"
+        if not path.exists():
+            return None
+        return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def wait(self) -> None:
+        """Block until pending async saves are committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_with_shardings(abstract_state, shardings):
+    """ShapeDtypeStructs carrying the target shardings: what `Checkpointer.restore` needs."""
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )

@@ -1,0 +1,240 @@
+"""`train_and_evaluate(config, workdir)`: the training loop every entry point calls.
+
+Resumes from the newest committed checkpoint in `workdir` without being asked (train state and
+data position); SIGTERM (preemption) saves and exits cleanly; K non-finite steps in a row stop
+the job with the last good checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from data_pipelines.global_batch import to_global_batch
+from data_pipelines.pipeline import PipelineConfig, prepared_dataset
+from data_pipelines.records import DatasetIndex
+from data_pipelines.targets import PretrainTargets
+from xlsr_jax.config import ConfigError, get_preset
+from xlsr_jax.models.heads import build_model, count_params
+from xlsr_jax.objectives.contrastive import ContrastiveObjective
+from xlsr_jax.parallel.mesh import build_mesh, resolve_mesh_config, validate_for_model
+from xlsr_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from xlsr_jax.train.metrics import MetricsWriter, device_peak_flops, train_flops_per_audio_second
+from xlsr_jax.train.optim import make_optimizer
+from xlsr_jax.train.state import create_train_state, state_shardings
+from xlsr_jax.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+# Keys the train step consumes; the pipeline also emits host-side extras (texts, lengths).
+_STEP_KEYS = ("input_values", "attention_mask", "mask_time_indices", "sampled_negatives")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. repeated non-finite losses); the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int
+    preempted: bool
+    history: list[dict]  # logged train metrics
+    eval_history: list[dict]
+    state: object = None  # the final TrainState (sharded jax.Arrays)
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread (e.g. a test runner thread): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint and stopping after this step")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def model_config_from(config: ml_collections.ConfigDict):
+    return get_preset(config.model.preset, **dict(config.model.get("overrides", {})))
+
+
+def resolve_data_dir(data_dir: str, workdir: pathlib.Path) -> pathlib.Path:
+    """The prepared data directory; "embedded" prepares the bundled corpus into WORKDIR/data once."""
+    if not data_dir:
+        raise ConfigError("config.data.dir is empty: point it at a directory made by `xlsr-jax prepare`")
+    if data_dir != "embedded":
+        DatasetIndex.load(data_dir)  # a clear error now rather than in the first step
+        return pathlib.Path(data_dir)
+    from jax.experimental import multihost_utils
+
+    from data_pipelines.corpus import corpus_dir
+    from data_pipelines.ingest.prepare import prepare
+
+    target = workdir / "data"
+    if jax.process_index() == 0 and not (target / "dataset.json").is_file():
+        prepare(corpus_dir(), target, workers=0, progress=False)
+    multihost_utils.sync_global_devices("xlsr_jax_embedded_data")
+    return target
+
+
+def pipeline_config(config: ml_collections.ConfigDict, per_host_batch: int, split_seed_offset: int = 0):
+    d = config.data
+    return PipelineConfig(
+        batch_size=per_host_batch,
+        seed=d.seed + split_seed_offset,
+        max_sample_size=d.max_sample_size,
+        min_sample_size=d.min_sample_size,
+        normalize=d.normalize,
+        num_buckets=d.num_buckets,
+        language_alpha=d.get("language_alpha", None),
+        worker_count=d.get("worker_count", 0),
+        num_epochs=None,
+    )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunResult:
+    """Train (or resume) the run described by `config` in `workdir`."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_config = model_config_from(config)
+    if config.head != "pretraining":
+        raise ConfigError(f"head {config.head!r}: only 'pretraining' trains today (fine-tuning is its own issue)")
+    mesh = build_mesh(resolve_mesh_config(config.mesh_preset, config.mesh))
+    global_batch = config.data.global_batch_size
+    validate_for_model(mesh, model_config, global_batch)
+    if global_batch % jax.process_count():
+        raise ConfigError(f"global batch {global_batch} is not divisible by {jax.process_count()} processes")
+    per_host = global_batch // jax.process_count()
+    data_dir = resolve_data_dir(config.data.dir, workdir)
+
+    model = build_model(model_config, config.head)
+    optimizer, schedule = make_optimizer(config.optim)
+    objective = ContrastiveObjective(
+        gumbel_start=config.objective.gumbel_start,
+        gumbel_floor=config.objective.gumbel_floor,
+        gumbel_decay=config.objective.gumbel_decay,
+        feature_penalty_weight=config.objective.feature_penalty_weight,
+    )
+    abstract, shardings = state_shardings(model, optimizer, mesh, seed=config.train.seed)
+    num_params = count_params(abstract.params)
+    targets = PretrainTargets(model_config, mask_prob=config.data.mask_prob, seed=config.data.seed)
+    train_iter = iter(prepared_dataset(data_dir, config.data.train_split, pipeline_config(config, per_host),
+                                       targets))
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                                async_save=config.train.get("async_checkpointing", True))
+    if checkpointer.latest_step() is not None:
+        step, state = checkpointer.restore(abstract_with_shardings(abstract, shardings), train_iter)
+        print(f"resumed from step {step} in {checkpointer.directory}", flush=True)
+    else:
+        state, _ = create_train_state(model, optimizer, mesh, seed=config.train.seed)
+        step = 0
+
+    train_step = make_train_step(model, optimizer, schedule, objective, accum_steps=config.train.accum_steps)
+    eval_step = make_eval_step(model, objective)
+    with jax.set_mesh(mesh):
+        jit_train = jax.jit(train_step, out_shardings=(shardings, None), donate_argnums=0)
+        jit_eval = jax.jit(eval_step)
+    total = config.train.steps
+    writer = MetricsWriter(workdir, total, enabled=jax.process_index() == 0)
+    flops_per_audio_s = train_flops_per_audio_second(model_config, num_params)
+    peak = device_peak_flops()
+    history, eval_history = [], []
+    preempted = False
+    last_log_time, audio_since_log = time.perf_counter(), 0.0
+    max_streak = config.train.max_nonfinite_streak
+    config_json = config.to_dict()
+    with _Preemption() as preemption:
+        while step < total:
+            host_batch = next(train_iter)
+            audio_since_log += float(np.sum(host_batch["attention_mask"])) * jax.process_count() / 16000.0
+            batch = to_global_batch({k: host_batch[k] for k in _STEP_KEYS}, mesh)
+            with jax.set_mesh(mesh):
+                state, metrics = jit_train(state, batch)
+            step += 1
+            if int(state.nonfinite_streak) >= max_streak:
+                checkpointer.wait()
+                raise TrainingError(
+                    f"{max_streak} consecutive steps had a non-finite loss or gradient (at step {step}); stopping. "
+                    f"The last good checkpoint (step {checkpointer.latest_step()}) is intact in "
+                    f"{checkpointer.directory}. Lower optim.peak_lr, check the data, or use float32."
+                )
+            if step % config.train.log_every == 0 or step == total:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                rate = audio_since_log / max(now - last_log_time, 1e-9)
+                m["audio_seconds_per_second"] = rate
+                m["frames_per_second"] = rate * 16000 / model_config.downsample
+                m["step_time"] = (now - last_log_time) / config.train.log_every
+                if peak:
+                    m["mfu"] = rate * flops_per_audio_s / (peak * jax.device_count())
+                last_log_time, audio_since_log = now, 0.0
+                writer.write(step, m)
+                writer.progress(step, m)
+                history.append({"step": step, **m})
+            if config.train.eval_every and step % config.train.eval_every == 0:
+                eval_history.append({"step": step, **evaluate(config, data_dir, model_config, mesh, jit_eval,
+                                                              state.params, per_host)})
+                writer.write(step, eval_history[-1], prefix="eval")
+            if preemption.requested:
+                preempted = True
+                _save_if_finite(checkpointer, step, state, train_iter, config_json, force=True)
+                break
+            if step % config.train.checkpoint_every == 0 or step == total:
+                _save_if_finite(checkpointer, step, state, train_iter, config_json)
+    checkpointer.close()
+    writer.close()
+    return RunResult(step=step, preempted=preempted, history=history, eval_history=eval_history, state=state)
+
+
+@jax.jit
+def _params_finite(params) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(params)]
+    return jnp.all(jnp.stack(leaves))
+
+
+def _save_if_finite(checkpointer, step, state, data_iter, config_json, force=False) -> None:
+    """Never let a checkpoint hold non-finite parameters: the last good one must stay restorable."""
+    # One jitted program (a single all-reduce): eager ops on multi-process arrays would each be a
+    # separate collective, and a host running ahead into Orbax's barrier deadlocks them.
+    if not bool(_params_finite(state.params)):
+        log.error("step %d: parameters are not finite; not saving a checkpoint", step)
+        return
+    checkpointer.save(step, state, data_iter, config_json, force=force)
+
+
+def evaluate(config, data_dir, model_config, mesh, jit_eval, params, per_host: int) -> dict:
+    """Mean pretraining metrics over `config.train.eval_batches` batches of the held-out split."""
+    if not config.data.eval_split:
+        return {}
+    ds = prepared_dataset(data_dir, config.data.eval_split, pipeline_config(config, per_host, 1000),
+                          PretrainTargets(model_config, mask_prob=config.data.mask_prob, seed=config.data.seed + 1000))
+    it = iter(ds)
+    sums: dict[str, float] = {}
+    for _ in range(config.train.eval_batches):
+        batch = to_global_batch({k: v for k, v in next(it).items() if k in _STEP_KEYS}, mesh)
+        with jax.set_mesh(mesh):
+            metrics = jax.device_get(jit_eval(params, batch))
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return {k: v / config.train.eval_batches for k, v in sums.items()}
+

@@ -1,0 +1,138 @@
+"""Step metrics: a JSONL log, TensorBoard event files (tensorboardX, no TensorFlow), a progress line,
+and model FLOPs utilization from an analytic FLOP count."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+from collections.abc import Mapping
+
+import jax
+
+from xlsr_jax.config import Wav2Vec2Config
+
+log = logging.getLogger(__name__)
+
+# Peak dense bf16 FLOP/s per chip (vendor figures). CPU has no meaningful peak: MFU is not reported.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,  # v5e
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,  # v6e (Trillium)
+    "TPU v6e": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+}
+
+
+def device_peak_flops(device=None) -> float | None:
+    device = device or jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for name, peak in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return peak
+    return None
+
+
+def train_flops_per_audio_second(config: Wav2Vec2Config, num_params: int) -> float:
+    """Forward+backward FLOPs for one second of 16 kHz audio (REFERENCE.md scale anchors).
+
+    Transformer: 6 * params * frames (+ attention scores 12 * layers * frames^2 * hidden per frame at
+    ~50 frames/s, included for 1 s windows only as a lower bound); conv encoder: 3 x its forward.
+    """
+    frames = 16000 / config.downsample
+    conv_params = 0
+    conv_fwd = 0.0
+    length = 16000.0
+    in_dim = 1
+    for dim, k, s in zip(config.conv_dim, config.conv_kernel, config.conv_stride):
+        length = (length - k) / s + 1
+        conv_fwd += 2.0 * length * k * in_dim * dim
+        conv_params += k * in_dim * dim
+        in_dim = dim
+    dense = 6.0 * (num_params - conv_params) * frames
+    return dense + 3.0 * conv_fwd
+
+
+class MetricsWriter:
+    """Writes every logged step to `workdir/metrics.jsonl` and TensorBoard; prints a progress line."""
+
+    def __init__(self, workdir: str | pathlib.Path, total_steps: int, enabled: bool = True):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self._tb = None
+        self._file = None
+        self._start_time = time.time()
+        self._start_step: int | None = None
+        if not enabled:
+            return
+        workdir = pathlib.Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._file = open(workdir / "metrics.jsonl", "a", buffering=1)
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        except ImportError:  # optional: the JSONL log has everything
+            log.warning("tensorboardX not installed: TensorBoard events are not written")
+
+    def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "split": prefix, "time": round(time.time(), 3)}
+        row.update({k: _py(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for key, value in row.items():
+                if key not in ("step", "split", "time") and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, step)
+
+    def progress(self, step: int, metrics: Mapping[str, float]) -> str:
+        """A one-line progress report with rate and ETA (also logged)."""
+        if self._start_step is None:
+            self._start_step, self._start_time = step, time.time()
+            rate = float("nan")
+        else:
+            rate = (step - self._start_step) / max(time.time() - self._start_time, 1e-9)
+        eta = (self.total_steps - step) / rate if rate and rate == rate and rate > 0 else float("nan")
+        parts = [f"step {step}/{self.total_steps}", f"loss {metrics.get('loss', float('nan')):.4f}"]
+        for key in ("code_perplexity", "accuracy", "learning_rate", "audio_seconds_per_second", "mfu"):
+            if key in metrics:
+                parts.append(f"{key} {metrics[key]:.4g}")
+        parts.append(f"{rate:.2f} steps/s" if rate == rate else "warming up")
+        if eta == eta:
+            parts.append(f"ETA {_duration(eta)}")
+        line = " | ".join(parts)
+        if self.enabled:
+            print(line, flush=True)
+        return line
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _py(value):
+    try:
+        value = value.item()
+    except AttributeError:
+        pass
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
