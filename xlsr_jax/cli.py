@@ -114,6 +114,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from xlsr_jax.train.export import export_checkpoint
+
+    out = export_checkpoint(args.workdir, args.output, step=args.step)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlsr-jax", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -182,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="experiments/<file>.py[:preset]")
     train.add_argument("--workdir", required=True)
     train.set_defaults(func=_cmd_train)
+
+    export = sub.add_parser("export", help="write a model directory from a training checkpoint")
+    export.add_argument("--workdir", required=True, help="the training run's --workdir")
+    export.add_argument("--output", required=True, help="new model directory")
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -30,9 +30,10 @@ MESH_PRESETS = {
     "v5e-8": {"ici": {"data": 1, "fsdp": 8, "tensor": 1}, "dcn": {}},
     "v5e-256": {"ici": {"data": 1, "fsdp": 64, "tensor": 4}, "dcn": {}},
     "v5p-128": {"ici": {"data": 1, "fsdp": 64, "tensor": 1}, "dcn": {}},
-    "v6e-256": {"ici": {"data": 1, "fsdp": 256, "tensor": 1}, "dcn": {}},
+    # fsdp 128, not 256: xlsr_2b's hidden size 1920 does not split 256 ways.
+    "v6e-256": {"ici": {"data": 2, "fsdp": 128, "tensor": 1}, "dcn": {}},
     "2x v5p-128": {"ici": {"data": 1, "fsdp": 64, "tensor": 1}, "dcn": {"data": 2}},
-    "2x v6e-256": {"ici": {"data": 1, "fsdp": 256, "tensor": 1}, "dcn": {"data": 2}},
+    "2x v6e-256": {"ici": {"data": 2, "fsdp": 128, "tensor": 1}, "dcn": {"data": 2}},
     "2x v5e-256": {"ici": {"data": 1, "fsdp": 64, "tensor": 4}, "dcn": {"data": 2}},
     # GPU (NVLink within a node = ICI, InfiniBand across nodes = DCN)
     "gpu-1x8": {"ici": {"data": 1, "fsdp": 8, "tensor": 1}, "dcn": {}},
