@@ -101,13 +101,13 @@ class MetricsWriter:
             rate = float("nan")
         else:
             rate = (step - self._start_step) / max(time.time() - self._start_time, 1e-9)
-        eta = (self.total_steps - step) / rate if rate and rate == rate and rate > 0 else float("nan")
+        eta = (self.total_steps - step) / rate if rate > 0 else float("nan")  # nan > 0 is False
         parts = [f"step {step}/{self.total_steps}", f"loss {metrics.get('loss', float('nan')):.4f}"]
         for key in ("code_perplexity", "accuracy", "learning_rate", "audio_seconds_per_second", "mfu"):
             if key in metrics:
                 parts.append(f"{key} {metrics[key]:.4g}")
-        parts.append(f"{rate:.2f} steps/s" if rate == rate else "warming up")
-        if eta == eta:
+        parts.append("warming up" if math.isnan(rate) else f"{rate:.2f} steps/s")
+        if not math.isnan(eta):
             parts.append(f"ETA {_duration(eta)}")
         line = " | ".join(parts)
         if self.enabled:
