@@ -81,17 +81,32 @@ class CtcTargets:
         """Nothing to check: every kept length works."""
         del min_sample_size
 
+    # SpecAugment time masks for fine-tuning (fairseq mask_prob 0.75 in the XLS-R recipe); 0: none.
+    model: Wav2Vec2Config | None = None
+    mask_prob: float = 0.0
+    seed: int = 0
+
     def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
-        del rng
         size = self.label_length or max(1, raw["input_values"].shape[1] // 320)
         texts = [t.lower() for t in raw["texts"]] if self.lowercase else raw["texts"]
         labels, lengths = pad_labels([self.vocab.encode(t)[:size] for t in texts], size)
-        return {
+        out = {
             "input_values": raw["input_values"],
             "attention_mask": raw["attention_mask"],
             "labels": labels,
             "label_lengths": lengths,
         }
+        if self.mask_prob > 0 and self.model is not None:
+            frames = int(self.model.num_frames(raw["input_values"].shape[1]))
+            lengths_f = np.asarray(self.model.num_frames(raw["lengths"]))
+            mask = np.zeros((len(lengths_f), frames), dtype=bool)
+            positions = raw.get("positions")
+            for row, length in enumerate(lengths_f):
+                row_rng = np.random.default_rng([self.seed, 5, int(positions[row])]) if positions is not None else rng
+                mask[row] = compute_span_mask(frames, [length], self.mask_prob, self.model.mask_time_length, row_rng,
+                                              min_masks=self.model.mask_time_min_masks)[0]
+            out["mask_time_indices"] = mask
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

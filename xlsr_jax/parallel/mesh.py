@@ -120,7 +120,7 @@ def validate_for_model(mesh: jax.sharding.Mesh, config: Wav2Vec2Config, global_b
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     problems = []
     for name, value in (("num_attention_heads", config.num_attention_heads),
-                        ("intermediate_size", config.intermediate_size), ("vocab_size", config.vocab_size)):
+                        ("intermediate_size", config.intermediate_size)):
         if value % tensor:
             problems.append(f"{name}={value} is not divisible by mesh tensor={tensor}")
     fsdp = mesh.shape["fsdp"]

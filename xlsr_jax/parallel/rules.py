@@ -32,7 +32,7 @@ DEFAULT_RULES: Rules = (
     ("conv_kernel", None),
     ("conv_in", None),
     ("conv_out", "fsdp"),
-    ("vocab", "tensor"),
+    ("vocab", None),  # character vocabularies (e.g. 43) rarely divide the tensor axis; lm_head is small
     ("classifier", None),
     ("labels", None),
     ("codevectors", None),

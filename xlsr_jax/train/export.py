@@ -25,4 +25,11 @@ def export_checkpoint(workdir: str | pathlib.Path, output: str | pathlib.Path, s
     # Checkpoints hold float32 params; the exported config keeps the run's numerics (dtype, remat).
     params = checkpointer.read_state(step)["params"]
     checkpointer.close()
-    return save_model_dir(output, model_config_from(config), params, config.head)
+    model_config, extra = model_config_from(config), []
+    if config.head == "ctc":  # the vocabulary the run trained with sets the output size
+        from data_pipelines.vocab import Vocabulary
+
+        vocab_file = pathlib.Path(config.data.vocab) if config.data.get("vocab") else pathlib.Path(workdir) / "vocab.json"
+        model_config = model_config.replace(vocab_size=len(Vocabulary.load(vocab_file)), pad_token_id=0)
+        extra.append(vocab_file)
+    return save_model_dir(output, model_config, params, config.head, extra_files=extra)

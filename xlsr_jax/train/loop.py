@@ -21,21 +21,18 @@ import numpy as np
 from data_pipelines.global_batch import to_global_batch
 from data_pipelines.pipeline import PipelineConfig, prepared_dataset
 from data_pipelines.records import DatasetIndex
-from data_pipelines.targets import PretrainTargets
 from xlsr_jax.config import ConfigError, get_preset
 from xlsr_jax.models.heads import build_model, count_params
-from xlsr_jax.objectives.contrastive import ContrastiveObjective
 from xlsr_jax.parallel.mesh import build_mesh, resolve_mesh_config, validate_for_model
 from xlsr_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from xlsr_jax.train.metrics import MetricsWriter, device_peak_flops, train_flops_per_audio_second
 from xlsr_jax.train.optim import make_optimizer
 from xlsr_jax.train.state import create_train_state, state_shardings
 from xlsr_jax.train.step import make_eval_step, make_train_step
+from xlsr_jax.train.tasks import make_task
 
 log = logging.getLogger(__name__)
 
-# Keys the train step consumes; the pipeline also emits host-side extras (texts, lengths).
-_STEP_KEYS = ("input_values", "attention_mask", "mask_time_indices", "sampled_negatives")
 
 
 class TrainingError(RuntimeError):
@@ -117,8 +114,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model_config = model_config_from(config)
-    if config.head != "pretraining":
-        raise ConfigError(f"head {config.head!r}: only 'pretraining' trains today (fine-tuning is its own issue)")
     mesh = build_mesh(resolve_mesh_config(config.mesh_preset, config.mesh))
     global_batch = config.data.global_batch_size
     validate_for_model(mesh, model_config, global_batch)
@@ -126,20 +121,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         raise ConfigError(f"global batch {global_batch} is not divisible by {jax.process_count()} processes")
     per_host = global_batch // jax.process_count()
     data_dir = resolve_data_dir(config.data.dir, workdir)
+    task = make_task(config, model_config, data_dir, workdir)
+    model_config, objective = task.model_config, task.objective
 
     model = build_model(model_config, config.head)
     optimizer, schedule = make_optimizer(config.optim)
-    objective = ContrastiveObjective(
-        gumbel_start=config.objective.gumbel_start,
-        gumbel_floor=config.objective.gumbel_floor,
-        gumbel_decay=config.objective.gumbel_decay,
-        feature_penalty_weight=config.objective.feature_penalty_weight,
-    )
     abstract, shardings = state_shardings(model, optimizer, mesh, seed=config.train.seed)
     num_params = count_params(abstract.params)
-    targets = PretrainTargets(model_config, mask_prob=config.data.mask_prob, seed=config.data.seed)
     train_iter = iter(prepared_dataset(data_dir, config.data.train_split, pipeline_config(config, per_host),
-                                       targets))
+                                       task.train_targets))
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
                                 async_save=config.train.get("async_checkpointing", True))
     if checkpointer.latest_step() is not None:
@@ -147,6 +137,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         print(f"resumed from step {step} in {checkpointer.directory}", flush=True)
     else:
         state, _ = create_train_state(model, optimizer, mesh, seed=config.train.seed)
+        if config.model.get("init_from"):
+            state = init_encoder_from(state, shardings, config.model.init_from)
         step = 0
 
     train_step = make_train_step(model, optimizer, schedule, objective, accum_steps=config.train.accum_steps)
@@ -167,7 +159,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         while step < total:
             host_batch = next(train_iter)
             audio_since_log += float(np.sum(host_batch["attention_mask"])) * jax.process_count() / 16000.0
-            batch = to_global_batch({k: host_batch[k] for k in _STEP_KEYS}, mesh)
+            batch = to_global_batch({k: host_batch[k] for k in task.step_keys}, mesh)
             with jax.set_mesh(mesh):
                 state, metrics = jit_train(state, batch)
             step += 1
@@ -192,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 writer.progress(step, m)
                 history.append({"step": step, **m})
             if config.train.eval_every and step % config.train.eval_every == 0:
-                eval_history.append({"step": step, **evaluate(config, data_dir, model_config, mesh, jit_eval,
+                eval_history.append({"step": step, **evaluate(config, data_dir, task, mesh, jit_eval,
                                                               state.params, per_host)})
                 writer.write(step, eval_history[-1], prefix="eval")
             if preemption.requested:
@@ -204,6 +196,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     checkpointer.close()
     writer.close()
     return RunResult(step=step, preempted=preempted, history=history, eval_history=eval_history, state=state)
+
+
+def init_encoder_from(state, shardings, model_dir: str):
+    """Replace the fresh encoder (`wav2vec2` subtree) with a pretrained model directory's, resharded."""
+    from xlsr_jax.model_dir import load_model_dir
+
+    _, _, pretrained = load_model_dir(model_dir)
+    ours = state.params["wav2vec2"]
+    theirs = pretrained["wav2vec2"]
+    mismatch = [jax.tree_util.keystr(p) for p, a, b in _zip_paths(ours, theirs) if a.shape != b.shape]
+    if mismatch or jax.tree_util.tree_structure(ours) != jax.tree_util.tree_structure(theirs):
+        raise ConfigError(f"{model_dir} does not fit this model's encoder (mismatched: {mismatch[:4]}); "
+                          "use the same model preset as the pretrained checkpoint")
+    placed = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), theirs, shardings.params["wav2vec2"])
+    print(f"encoder initialized from {model_dir}", flush=True)
+    return state.replace(params={**state.params, "wav2vec2": placed})
+
+
+def _zip_paths(a, b):
+    flat_a = jax.tree_util.tree_leaves_with_path(a)
+    flat_b = dict(jax.tree_util.tree_leaves_with_path(b))
+    for path, x in flat_a:
+        if path in flat_b:
+            yield path, x, flat_b[path]
 
 
 @jax.jit
@@ -222,16 +238,15 @@ def _save_if_finite(checkpointer, step, state, data_iter, config_json, force=Fal
     checkpointer.save(step, state, data_iter, config_json, force=force)
 
 
-def evaluate(config, data_dir, model_config, mesh, jit_eval, params, per_host: int) -> dict:
+def evaluate(config, data_dir, task, mesh, jit_eval, params, per_host: int) -> dict:
     """Mean pretraining metrics over `config.train.eval_batches` batches of the held-out split."""
     if not config.data.eval_split:
         return {}
-    ds = prepared_dataset(data_dir, config.data.eval_split, pipeline_config(config, per_host, 1000),
-                          PretrainTargets(model_config, mask_prob=config.data.mask_prob, seed=config.data.seed + 1000))
+    ds = prepared_dataset(data_dir, config.data.eval_split, pipeline_config(config, per_host, 1000), task.eval_targets)
     it = iter(ds)
     sums: dict[str, float] = {}
     for _ in range(config.train.eval_batches):
-        batch = to_global_batch({k: v for k, v in next(it).items() if k in _STEP_KEYS}, mesh)
+        batch = to_global_batch({k: v for k, v in next(it).items() if k in task.step_keys}, mesh)
         with jax.set_mesh(mesh):
             metrics = jax.device_get(jit_eval(params, batch))
         for k, v in metrics.items():

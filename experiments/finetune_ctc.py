@@ -1,0 +1,94 @@
+"""CTC fine-tuning of a pretrained XLS-R encoder (fairseq `xlsr/config/finetune.yaml` recipe).
+
+    xlsr-jax train --config experiments/finetune_ctc.py:xlsr_300m --workdir runs/ft \\
+        --config.model.init_from=MODEL_DIR --config.data.dir=/data/prepared_with_transcripts
+
+Presets: xlsr_300m, xlsr_1b, xlsr_2b and `smoke` (random tiny encoder, embedded corpus, a few CPU
+steps). The character vocabulary is built from the train transcripts into WORKDIR/vocab.json
+(or given with --config.data.vocab=vocab.json); `xlsr-jax export` then writes a model directory
+with that vocab.json, which `xlsr-jax convert jax-to-hf` turns into a Wav2Vec2ForCTC directory.
+"""
+
+import ml_collections
+
+
+def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
+    preset = preset or "xlsr_300m"
+    smoke = preset == "smoke"
+    c = ml_collections.ConfigDict()
+    c.head = "ctc"
+    c.model = ml_collections.ConfigDict()
+    c.model.preset = "tiny" if smoke else preset
+    c.model.init_from = ""  # a pretrained model directory (xlsr-jax export / convert); "" = random init
+    c.model.overrides = ml_collections.ConfigDict({
+        "dtype": "bfloat16", "remat_policy": "dots", "scan_layers": True,
+        "hidden_dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.1, "feat_proj_dropout": 0.0,
+        "final_dropout": 0.0, "layerdrop": 0.1, "mask_time_prob": 0.75, "mask_time_length": 10,
+        "mask_time_min_masks": 2, "feature_grad_mult": 0.0,  # the conv encoder stays frozen
+    })
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dir = ""
+    c.data.train_split = "train"
+    c.data.eval_split = "dev"
+    c.data.vocab = ""  # "" builds WORKDIR/vocab.json from the train transcripts
+    c.data.lowercase = True
+    c.data.global_batch_size = 32
+    c.data.max_sample_size = 480_000  # CTC drops longer utterances instead of cropping them
+    c.data.min_sample_size = 16_000
+    c.data.num_buckets = 4
+    c.data.normalize = True
+    c.data.mask_prob = 0.75  # SpecAugment time masks, made in the input pipeline
+    c.data.language_alpha = None
+    c.data.worker_count = 4
+    c.data.seed = 0
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.schedule = "tri_stage"
+    c.optim.peak_lr = 3e-5 if preset != "smoke" else 2e-3
+    c.optim.total_steps = 20_000
+    c.optim.warmup_steps = 0  # tri_stage uses phase_ratio
+    c.optim.phase_ratio = (0.1, 0.4, 0.5)
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.98, 1e-8
+    c.optim.weight_decay = 0.0
+    c.optim.clip_norm = 0.0
+    c.optim.freeze_feature_encoder = True
+    c.optim.freeze_encoder_steps = 10_000  # only lm_head trains first (fairseq freeze_finetune_updates)
+
+    c.objective = ml_collections.ConfigDict()  # CTC has no knobs beyond zero_infinity (always on)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 20_000
+    c.train.seed = 0
+    c.train.accum_steps = 1
+    c.train.log_every = 100
+    c.train.eval_every = 1_000
+    c.train.eval_batches = 20
+    c.train.checkpoint_every = 1_000
+    c.train.keep_checkpoints = 3
+    c.train.max_nonfinite_streak = 20
+    c.train.async_checkpointing = True
+
+    c.mesh_preset = "gpu-1x8"
+    c.mesh = ml_collections.ConfigDict({"ici": {"data": -1, "fsdp": 1, "tensor": 1},
+                                        "dcn": {"data": 1, "fsdp": 1, "tensor": 1}, "num_devices": 0})
+    if smoke:
+        c.model.overrides.update({"dtype": "float32", "remat_policy": "none", "layerdrop": 0.0,
+                                  "mask_time_length": 5, "feature_grad_mult": 1.0})
+        c.data.dir = "embedded"
+        c.data.global_batch_size = 8
+        c.data.max_sample_size = 96_000
+        c.data.min_sample_size = 8_000
+        c.data.num_buckets = 1
+        c.data.worker_count = 0
+        c.data.mask_prob = 0.3
+        c.optim.total_steps = 30
+        c.optim.freeze_feature_encoder = False
+        c.optim.freeze_encoder_steps = 5
+        c.train.steps = 30
+        c.train.log_every = 5
+        c.train.eval_every = 15
+        c.train.eval_batches = 2
+        c.train.checkpoint_every = 15
+        c.mesh_preset = "cpu"
+    return c
