@@ -66,6 +66,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.train.eval_batches = 20
     c.train.checkpoint_every = 1_000
     c.train.keep_checkpoints = 3
+    c.train.best_metric = "loss"  # eval-split metric; the best checkpoint is kept beside the last N
     c.train.max_nonfinite_streak = 20
     c.train.async_checkpointing = True
 

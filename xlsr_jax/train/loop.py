@@ -130,7 +130,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     num_params = count_params(abstract.params)
     train_iter = iter(prepared_dataset(data_dir, config.data.train_split, pipeline_config(config, per_host),
                                        task.train_targets))
+    best = config.train.get("best_metric", "")  # e.g. "loss" of the eval split: also keep the best step
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
+                                best_metric=best or None, best_mode="min",
                                 async_save=config.train.get("async_checkpointing", True))
     if checkpointer.latest_step() is not None:
         step, state = checkpointer.restore(abstract_with_shardings(abstract, shardings), train_iter)
@@ -192,7 +194,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 _save_if_finite(checkpointer, step, state, train_iter, config_json, force=True)
                 break
             if step % config.train.checkpoint_every == 0 or step == total:
-                _save_if_finite(checkpointer, step, state, train_iter, config_json)
+                evaluated = eval_history[-1] if eval_history and eval_history[-1]["step"] == step else None
+                _save_if_finite(checkpointer, step, state, train_iter, config_json,
+                                metrics=evaluated if best and evaluated else None)
     checkpointer.close()
     writer.close()
     return RunResult(step=step, preempted=preempted, history=history, eval_history=eval_history, state=state)
@@ -228,14 +232,14 @@ def _params_finite(params) -> jax.Array:
     return jnp.all(jnp.stack(leaves))
 
 
-def _save_if_finite(checkpointer, step, state, data_iter, config_json, force=False) -> None:
+def _save_if_finite(checkpointer, step, state, data_iter, config_json, force=False, metrics=None) -> None:
     """Never let a checkpoint hold non-finite parameters: the last good one must stay restorable."""
     # One jitted program (a single all-reduce): eager ops on multi-process arrays would each be a
     # separate collective, and a host running ahead into Orbax's barrier deadlocks them.
     if not bool(_params_finite(state.params)):
         log.error("step %d: parameters are not finite; not saving a checkpoint", step)
         return
-    checkpointer.save(step, state, data_iter, config_json, force=force)
+    checkpointer.save(step, state, data_iter, config_json, metrics=metrics, force=force)
 
 
 def evaluate(config, data_dir, task, mesh, jit_eval, params, per_host: int) -> dict:
