@@ -66,6 +66,15 @@ class _Preemption:
         log.warning("SIGTERM received: saving a checkpoint and stopping after this step")
         self.requested = True
 
+    def requested_on_any_host(self) -> bool:
+        """All hosts must stop at the same step (the save is collective): agree on the flag."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
+        return bool(np.max(flags))
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
@@ -165,7 +174,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             with jax.set_mesh(mesh):
                 state, metrics = jit_train(state, batch)
             step += 1
-            if int(state.nonfinite_streak) >= max_streak:
+            # Reading the streak syncs host and device, so only at log and checkpoint steps: a skipped
+            # step changes no parameter, so noticing a streak a few steps late costs nothing.
+            check = step % config.train.log_every == 0 or step % config.train.checkpoint_every == 0 or step == total
+            if check and int(state.nonfinite_streak) >= max_streak:
                 checkpointer.wait()
                 raise TrainingError(
                     f"{max_streak} consecutive steps had a non-finite loss or gradient (at step {step}); stopping. "
@@ -189,7 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 eval_history.append({"step": step, **evaluate(config, data_dir, task, mesh, jit_eval,
                                                               state.params, per_host)})
                 writer.write(step, eval_history[-1], prefix="eval")
-            if preemption.requested:
+            if preemption.requested_on_any_host():
                 preempted = True
                 _save_if_finite(checkpointer, step, state, train_iter, config_json, force=True)
                 break
