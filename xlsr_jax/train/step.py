@@ -16,7 +16,7 @@ from xlsr_jax.train.state import TrainState
 
 # Metrics that are counts: summed over micro-batches; everything else is averaged weighted by the
 # micro-batch's denominator (e.g. masked frames).
-_COUNTS = ("num_masked",)
+_COUNTS = ("num_masked", "num_tokens", "infeasible")
 
 
 def make_train_step(model, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
