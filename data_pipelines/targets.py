@@ -40,27 +40,35 @@ class PretrainTargets:
             )
 
     def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
-        frames = int(self.model.num_frames(raw["input_values"].shape[1]))
-        lengths = np.asarray(self.model.num_frames(raw["lengths"]))
         k = self.model.num_negatives
-        mask = np.zeros((len(lengths), frames), dtype=bool)
-        negatives = np.zeros((len(lengths), frames, k), dtype=np.int32)
-        # One generator per row, seeded by the record's global stream position: a row's mask and
-        # negatives do not depend on which host reads it or on the host count, so 1 process x 8
-        # devices and 2 processes x 4 devices train on identical batches. Equal mask counts across
-        # rows (fairseq's require_same_masks) are unnecessary: the loss takes a [B, T] mask.
-        positions = raw.get("positions")
-        for row, length in enumerate(lengths):
-            row_rng = np.random.default_rng([self.seed, 4, int(positions[row])]) if positions is not None else rng
-            mask[row] = compute_span_mask(frames, [length], self.mask_prob, self.model.mask_time_length, row_rng,
-                                          min_masks=self.model.mask_time_min_masks)[0]
-            negatives[row] = sample_negatives(mask[row : row + 1], k, row_rng)[0]
+        mask, rngs = _row_span_masks(self.model, raw, self.mask_prob, self.seed, 4, rng)
+        negatives = np.stack([sample_negatives(mask[r : r + 1], k, row_rng)[0] for r, row_rng in enumerate(rngs)])
         return {
             "input_values": raw["input_values"],
             "attention_mask": raw["attention_mask"],
             "mask_time_indices": mask,
-            "sampled_negatives": negatives,
+            "sampled_negatives": negatives.astype(np.int32),
         }
+
+
+def _row_span_masks(model: Wav2Vec2Config, raw: dict, mask_prob: float, seed: int, salt: int,
+                    rng: np.random.Generator) -> tuple[np.ndarray, list[np.random.Generator]]:
+    """[B, T] span masks, one generator per row seeded by the record's global stream position.
+
+    A row's mask (and whatever else its generator draws next, e.g. negatives) then does not depend
+    on which host reads it or on the host count: 1 process x 8 devices and 2 x 4 train on identical
+    batches. Equal mask counts across rows (fairseq's require_same_masks) are unnecessary: the
+    losses take a [B, T] mask.
+    """
+    frames = int(model.num_frames(raw["input_values"].shape[1]))
+    lengths = np.asarray(model.num_frames(raw["lengths"]))
+    positions = raw.get("positions")
+    rngs = [np.random.default_rng([seed, salt, int(positions[r])]) if positions is not None else rng
+            for r in range(len(lengths))]
+    mask = np.stack([compute_span_mask(frames, [length], mask_prob, model.mask_time_length, row_rng,
+                                       min_masks=model.mask_time_min_masks)[0]
+                     for length, row_rng in zip(lengths, rngs)])
+    return mask, rngs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,15 +105,7 @@ class CtcTargets:
             "label_lengths": lengths,
         }
         if self.mask_prob > 0 and self.model is not None:
-            frames = int(self.model.num_frames(raw["input_values"].shape[1]))
-            lengths_f = np.asarray(self.model.num_frames(raw["lengths"]))
-            mask = np.zeros((len(lengths_f), frames), dtype=bool)
-            positions = raw.get("positions")
-            for row, length in enumerate(lengths_f):
-                row_rng = np.random.default_rng([self.seed, 5, int(positions[row])]) if positions is not None else rng
-                mask[row] = compute_span_mask(frames, [length], self.mask_prob, self.model.mask_time_length, row_rng,
-                                              min_masks=self.model.mask_time_min_masks)[0]
-            out["mask_time_indices"] = mask
+            out["mask_time_indices"], _ = _row_span_masks(self.model, raw, self.mask_prob, self.seed, 5, rng)
         return out
 
 
