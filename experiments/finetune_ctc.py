@@ -11,6 +11,8 @@ with that vocab.json, which `xlsr-jax convert jax-to-hf` turns into a Wav2Vec2Fo
 
 import ml_collections
 
+from xlsr_jax.train.defaults import mesh_section, train_section
+
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     preset = preset or "xlsr_300m"
@@ -57,22 +59,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
 
     c.objective = ml_collections.ConfigDict()  # CTC has no knobs beyond zero_infinity (always on)
 
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 20_000
-    c.train.seed = 0
-    c.train.accum_steps = 1
-    c.train.log_every = 100
-    c.train.eval_every = 1_000
-    c.train.eval_batches = 20
-    c.train.checkpoint_every = 1_000
-    c.train.keep_checkpoints = 3
-    c.train.best_metric = "loss"  # eval-split metric; the best checkpoint is kept beside the last N
-    c.train.max_nonfinite_streak = 20
-    c.train.async_checkpointing = True
+    c.train = train_section(steps=20_000, eval_every=1_000, checkpoint_every=1_000)
 
     c.mesh_preset = "gpu-1x8"
-    c.mesh = ml_collections.ConfigDict({"ici": {"data": -1, "fsdp": 1, "tensor": 1},
-                                        "dcn": {"data": 1, "fsdp": 1, "tensor": 1}, "num_devices": 0})
+    c.mesh = mesh_section()
     if smoke:
         c.model.overrides.update({"dtype": "float32", "remat_policy": "none", "layerdrop": 0.0,
                                   "mask_time_length": 5, "feature_grad_mult": 1.0})

@@ -9,6 +9,8 @@ Presets: xlsr_300m, xlsr_1b, xlsr_2b (architecture from xlsr_jax.config.PRESETS)
 
 import ml_collections
 
+from xlsr_jax.train.defaults import mesh_section, train_section
+
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     preset = preset or "xlsr_300m"
@@ -54,25 +56,12 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.objective.gumbel_decay = 0.999995
     c.objective.feature_penalty_weight = 0.0  # 10 for base
 
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 1_000_000
-    c.train.seed = 0
-    c.train.accum_steps = 1
-    c.train.log_every = 100
-    c.train.eval_every = 10_000
-    c.train.eval_batches = 20
-    c.train.checkpoint_every = 2_000
-    c.train.keep_checkpoints = 3
-    c.train.best_metric = "loss"  # eval-split metric; the best checkpoint is kept beside the last N
-    c.train.max_nonfinite_streak = 20
-    c.train.async_checkpointing = True
+    c.train = train_section(steps=1_000_000, eval_every=10_000, checkpoint_every=2_000)
 
     # A named preset from xlsr_jax.parallel.mesh.MESH_PRESETS (v4-8 ... v6e-256, 2-slice, gpu-1x8,
     # gpu-4x8, cpu), or "" to use `mesh` below; -1 fills from the device count.
     c.mesh_preset = "gpu-1x8"
-    c.mesh = ml_collections.ConfigDict({"ici": {"data": -1, "fsdp": 1, "tensor": 1},
-                                        "dcn": {"data": 1, "fsdp": 1, "tensor": 1},
-                                        "num_devices": 0})  # 0: all devices
+    c.mesh = mesh_section()
 
     if preset == "smoke":
         c.model.overrides.update({"dtype": "float32", "remat_policy": "none", "num_negatives": 20,

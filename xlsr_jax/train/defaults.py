@@ -1,0 +1,29 @@
+"""Config sections every experiment shares (train loop knobs and the mesh), so experiment files
+state only what differs."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def train_section(steps: int, eval_every: int, checkpoint_every: int) -> ml_collections.ConfigDict:
+    """`config.train`: loop length, logging, evaluation, checkpointing and the non-finite guard."""
+    return ml_collections.ConfigDict({
+        "steps": steps,
+        "seed": 0,
+        "accum_steps": 1,
+        "log_every": 100,
+        "eval_every": eval_every,
+        "eval_batches": 20,
+        "checkpoint_every": checkpoint_every,
+        "keep_checkpoints": 3,
+        "best_metric": "loss",  # eval-split metric; the best checkpoint is kept beside the last N
+        "max_nonfinite_streak": 20,
+        "async_checkpointing": True,
+    })  # fmt: skip
+
+
+def mesh_section() -> ml_collections.ConfigDict:
+    """`config.mesh`: used when `config.mesh_preset` is "" (-1 fills from the device count; 0 devices = all)."""
+    return ml_collections.ConfigDict({"ici": {"data": -1, "fsdp": 1, "tensor": 1},
+                                      "dcn": {"data": 1, "fsdp": 1, "tensor": 1}, "num_devices": 0})
