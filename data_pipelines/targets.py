@@ -3,7 +3,8 @@
 Each target is a grain `random_map` transform: `(raw batch, rng) -> batch dict`. grain seeds `rng`
 from (pipeline seed, batch index), so resuming at batch i draws the same masks as an uninterrupted run.
 The raw batch holds `input_values` [B, L] float32, `attention_mask` [B, L] int32, `lengths` [B]
-samples, `texts` (list of str) and `language_id` [B] int32.
+samples, `texts` (list of str) and `language_id` [B] int32. Every target passes `lengths` through
+(host-side bookkeeping such as audio seconds per step; the train step does not take it).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class PretrainTargets:
             "attention_mask": raw["attention_mask"],
             "mask_time_indices": mask,
             "sampled_negatives": negatives.astype(np.int32),
+            "lengths": raw["lengths"],
         }
 
 
@@ -103,6 +105,7 @@ class CtcTargets:
             "attention_mask": raw["attention_mask"],
             "labels": labels,
             "label_lengths": lengths,
+            "lengths": raw["lengths"],
         }
         if self.mask_prob > 0 and self.model is not None:
             out["mask_time_indices"], _ = _row_span_masks(self.model, raw, self.mask_prob, self.seed, 5, rng)
@@ -125,6 +128,7 @@ class LanguageTargets:
             "input_values": raw["input_values"],
             "attention_mask": raw["attention_mask"],
             "language_id": raw["language_id"],
+            "lengths": raw["lengths"],
         }
 
 

@@ -11,7 +11,7 @@ with that vocab.json, which `xlsr-jax convert jax-to-hf` turns into a Wav2Vec2Fo
 
 import ml_collections
 
-from xlsr_jax.train.defaults import mesh_section, train_section
+from xlsr_jax.train.defaults import mesh_section, sharding_section, train_section
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
@@ -63,6 +63,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
 
     c.mesh_preset = "gpu-1x8"
     c.mesh = mesh_section()
+    c.sharding = sharding_section()  # logical axis rules (parallel/rules.py defaults)
     if smoke:
         c.model.overrides.update({"dtype": "float32", "remat_policy": "none", "layerdrop": 0.0,
                                   "mask_time_length": 5, "feature_grad_mult": 1.0})

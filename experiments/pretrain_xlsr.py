@@ -9,7 +9,7 @@ Presets: xlsr_300m, xlsr_1b, xlsr_2b (architecture from xlsr_jax.config.PRESETS)
 
 import ml_collections
 
-from xlsr_jax.train.defaults import mesh_section, train_section
+from xlsr_jax.train.defaults import mesh_section, sharding_section, train_section
 
 
 def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
@@ -62,6 +62,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     # gpu-4x8, cpu), or "" to use `mesh` below; -1 fills from the device count.
     c.mesh_preset = "gpu-1x8"
     c.mesh = mesh_section()
+    c.sharding = sharding_section()  # logical axis rules (parallel/rules.py defaults)
 
     if preset == "smoke":
         c.model.overrides.update({"dtype": "float32", "remat_policy": "none", "num_negatives": 20,

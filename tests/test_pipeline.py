@@ -254,7 +254,7 @@ def test_ctc_labels_and_long_records_dropped(data_dir):
     assert len(expected) < NUM_UTTS  # some records are too long for CTC and were not cropped
     assert len(seen) == len(expected) // 4 * 4 and set(seen) <= set(expected.tolist())
     for b in batches:
-        assert b.keys() == {"input_values", "attention_mask", "labels", "label_lengths"}
+        assert b.keys() == {"input_values", "attention_mask", "labels", "label_lengths", "lengths"}
         assert b["labels"].shape == (4, b["input_values"].shape[1] // 320)
         for row, rec in enumerate(_markers(b)):
             n = b["label_lengths"][row]

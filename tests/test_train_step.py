@@ -14,7 +14,7 @@ from xlsr_jax.parallel.mesh import build_mesh
 from xlsr_jax.parallel.rules import logical_sharding
 from xlsr_jax.train.optim import make_optimizer
 from xlsr_jax.train.state import create_train_state
-from xlsr_jax.train.step import make_train_step
+from xlsr_jax.train.step import jit_train_step, make_train_step
 
 OPTIM = dict(schedule="polynomial", peak_lr=1e-3, warmup_steps=2, total_steps=10, clip_norm=10.0,
              weight_decay=0.01)
@@ -41,16 +41,16 @@ def _run(mesh_cfg, steps=2, accum=1, devices=None, config=CONFIG):
     model = build_model(config, "pretraining")
     optimizer, schedule = make_optimizer(OPTIM)
     state, shardings = create_train_state(model, optimizer, mesh, seed=0)
-    step = make_train_step(model, optimizer, schedule, ContrastiveObjective(), accum_steps=accum)
+    # What training runs: activation constraints in context, gradients constrained to the params' shardings.
+    step = make_train_step(model, optimizer, schedule, ContrastiveObjective(), accum_steps=accum, mesh=mesh,
+                           param_shardings=shardings.params)
     batch_sharding = logical_sharding(("batch",), mesh)
-    with jax.set_mesh(mesh):
-        jstep = jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                        donate_argnums=0)
-        history = []
-        for i in range(steps):
-            batch = jax.device_put(_batch(config, seed=i), batch_sharding)
-            state, metrics = jstep(state, batch)
-            history.append({k: float(v) for k, v in metrics.items()})
+    jstep = jit_train_step(step, shardings, batch_sharding)
+    history = []
+    for i in range(steps):
+        batch = jax.device_put(_batch(config, seed=i), batch_sharding)
+        state, metrics = jstep(state, batch)
+        history.append({k: float(v) for k, v in metrics.items()})
     return jax.device_get(state.params), history
 
 

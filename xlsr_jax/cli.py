@@ -103,23 +103,85 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_distributed(args: argparse.Namespace) -> None:
+    """Join the multi-host job the flags or the environment describe (before anything touches a device)."""
+    from xlsr_jax.parallel import distributed
+
+    spec = distributed.detect(args.coordinator_address, args.num_processes, args.process_id)
+    distributed.initialize(spec, heartbeat_timeout_s=args.heartbeat_timeout)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from xlsr_jax.experiment import load_experiment
     from xlsr_jax.train.loop import train_and_evaluate
 
-    config = load_experiment(args.config, args.overrides)
+    config = load_experiment(args.config, args.overrides)  # config errors before joining a job
+    _start_distributed(args)
+    logging.getLogger("xlsr_jax").setLevel(logging.INFO)  # the loop's start-up and job lines
     result = train_and_evaluate(config, args.workdir)
     state = "preempted: saved and stopped" if result.preempted else "done"
     print(f"{state} at step {result.step}; checkpoints and metrics.jsonl in {args.workdir}")
     return 0
 
 
+def _cmd_fit(args: argparse.Namespace) -> int:
+    import json
+
+    from xlsr_jax.parallel.topology import parse_topology, quiet_libtpu
+
+    if (args.topology is None) == (args.devices is None):
+        raise ConfigError("give exactly one of --topology (a TPU pod, e.g. v5e-256) or --devices N (fake CPU devices)")
+    topology = parse_topology(args.topology, args.num_slices) if args.topology else None
+    if topology is not None:
+        quiet_libtpu()  # before the TPU plugin loads
+    import jax
+
+    from xlsr_jax.experiment import load_experiment
+    from xlsr_jax.train.fit import fit, format_report, largest_fitting
+
+    config = load_experiment(args.config, args.overrides)
+    devices = None
+    if args.devices is not None:
+        jax.config.update("jax_num_cpu_devices", args.devices)
+        devices = jax.devices("cpu")
+    target = topology.describe() if topology else f"{args.devices} CPU devices"
+    print(f"compiling {args.config} for {target} (abstract state: nothing is allocated) ...", flush=True)
+    program, report = fit(config, topology=topology, devices=devices, num_samples=args.num_samples,
+                          dump_dir=args.dump_hlo)
+    for line in format_report(report):
+        print(line)
+    summary = report.summary()
+    if args.search != "none" and topology is not None:
+        print(f"searching the largest {args.search} that fits (up to {args.max_probes} compiles) ...", flush=True)
+        best, probes = largest_fitting(program, report, args.search, args.max_probes, progress=print)
+        name = "global batch" if args.search == "batch" else "crop (samples)"
+        print(f"largest {name} that fits: {best}" + (f" ({best / 16000:.1f} s)" if args.search == "crop" else "")
+              + f" after {probes} compiles" + ("" if best else ": nothing fits, shard more or remat more"))
+        summary[f"largest_{args.search}"] = best
+    print(json.dumps(summary))
+    return 0 if report.fits or not args.fail_if_not_fit else 1
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from xlsr_jax.train.export import export_checkpoint
 
+    _start_distributed(args)
     out = export_checkpoint(args.workdir, args.output, step=args.step)
     print(f"wrote {out}")
     return 0
+
+
+def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    from xlsr_jax.parallel.distributed import DEFAULT_HEARTBEAT_TIMEOUT_S
+
+    group = parser.add_argument_group(
+        "multi-host", "the same command on every host; detected on Cloud TPU VMs and under SLURM, or given here "
+                      "(or as JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+    group.add_argument("--coordinator-address", help="HOST:PORT of process 0")
+    group.add_argument("--num-processes", type=int)
+    group.add_argument("--process-id", type=int)
+    group.add_argument("--heartbeat-timeout", type=int, default=DEFAULT_HEARTBEAT_TIMEOUT_S,
+                       help="seconds without a peer's heartbeat before every process exits (default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,12 +251,29 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Resumes from the newest checkpoint in --workdir by itself.")
     train.add_argument("--config", required=True, help="experiments/<file>.py[:preset]")
     train.add_argument("--workdir", required=True)
+    _add_distributed_args(train)
     train.set_defaults(func=_cmd_train)
+
+    fitp = sub.add_parser("fit", help="compile the train step for a TPU pod (or N CPU devices) from this machine: "
+                                       "memory per chip, verdict, collectives, FLOPs; extra --config.a.b=value "
+                                       "override the experiment")
+    fitp.add_argument("--config", required=True, help="experiments/<file>.py[:preset]")
+    fitp.add_argument("--topology", help="TPU pod or chip grid: v4-128, v5e-256, v5p-128, v6e-256, v5e:16x16, ...")
+    fitp.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN (multi-slice)")
+    fitp.add_argument("--devices", type=int, help="instead of --topology: N fake CPU devices")
+    fitp.add_argument("--num-samples", type=int, help="padded crop length (default: config.data.max_sample_size)")
+    fitp.add_argument("--search", choices=["batch", "crop", "none"], default="none",
+                      help="also find the largest global batch (or crop) that fits, by bisection (one compile per probe)")
+    fitp.add_argument("--max-probes", type=int, default=6, help="compiles the --search may spend")
+    fitp.add_argument("--fail-if-not-fit", action="store_true", help="exit 1 when it does not fit")
+    fitp.add_argument("--dump-hlo", metavar="DIR", help="write the lowered and compiled programs' text here")
+    fitp.set_defaults(func=_cmd_fit)
 
     export = sub.add_parser("export", help="write a model directory from a training checkpoint")
     export.add_argument("--workdir", required=True, help="the training run's --workdir")
     export.add_argument("--output", required=True, help="new model directory")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    _add_distributed_args(export)
     export.set_defaults(func=_cmd_export)
     return parser
 

@@ -8,13 +8,14 @@ kept as strings otherwise; ConfigDict's own type checks reject a wrong type with
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import pathlib
 from collections.abc import Sequence
 
 import ml_collections
 
-from xlsr_jax.config import ConfigError
+from xlsr_jax.config import ConfigError, Wav2Vec2Config
 
 
 def load_experiment(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -34,6 +35,16 @@ def load_experiment(spec: str, overrides: Sequence[str] = ()) -> ml_collections.
     return config
 
 
+_MODEL_FIELDS = {f.name for f in dataclasses.fields(Wav2Vec2Config)}
+
+
+def _parse(raw: str):
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     """Apply one `config.a.b=value` (or `a.b=value`) override in place."""
     key, sep, raw = item.removeprefix("--").removeprefix("config.").partition("=")
@@ -45,12 +56,12 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         if name not in node:
             raise ConfigError(f"unknown config section {key!r}: {name!r} not in {sorted(node.keys())}")
         node = node[name]
+    if leaf not in node and parents == ["model", "overrides"] and leaf in _MODEL_FIELDS:
+        node[leaf] = _parse(raw)  # any Wav2Vec2Config field may be overridden, not only the preset's listed ones
+        return
     if leaf not in node:
         raise ConfigError(f"unknown config key {key!r}; {'.'.join(parents) or 'top level'} has {sorted(node.keys())}")
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
+    value = _parse(raw)
     current = node[leaf]
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from xlsr_jax.config import Wav2Vec2Config
-from xlsr_jax.models.layers import Dense, LayerNorm, activation, conv1d, logical
+from xlsr_jax.models.layers import Dense, LayerNorm, activation, conv1d, gathered, logical
 
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -42,7 +42,7 @@ class PositionalConvEmbedding(nn.Module):
         # input and a replicated mesh axis, XLA (jax 0.10.2) multiplies the grouped conv's weight
         # gradient by that axis' size (caught by test_sharded_forward_and_gradients_match_single_device).
         x = x.astype(dtype)
-        weight = weight.astype(dtype)
+        weight = gathered(weight.astype(dtype))
         cin, cout = hidden // groups, hidden // groups
         y = jnp.concatenate(
             [

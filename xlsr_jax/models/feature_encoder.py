@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from xlsr_jax.config import Wav2Vec2Config
-from xlsr_jax.models.layers import Dense, LayerNorm, activation, conv1d, logical, torch_linear_uniform
+from xlsr_jax.models.layers import Dense, LayerNorm, activation, conv1d, gathered, logical, torch_linear_uniform
 
 
 def frame_mask(config: Wav2Vec2Config, attention_mask: jax.Array, num_frames: int) -> jax.Array:
@@ -35,7 +35,7 @@ class ConvLayer(nn.Module):
             logical(nn.initializers.variance_scaling(2.0, "fan_in", "normal"), ("conv_kernel", "conv_in", "conv_out")),
             (k, in_dim, out_dim),
         )
-        x = conv1d(x.astype(dtype), kernel.astype(dtype), stride=cfg.conv_stride[self.layer_id])
+        x = conv1d(x.astype(dtype), gathered(kernel.astype(dtype)), stride=cfg.conv_stride[self.layer_id])
         if cfg.conv_bias:
             bias = self.param("bias", logical(torch_linear_uniform(in_dim * k), ("conv_out",)), (out_dim,))
             x = x + bias.astype(dtype)

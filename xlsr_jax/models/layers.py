@@ -22,6 +22,16 @@ def logical(init: Callable, names: Axes) -> Callable:
     return nn.with_logical_partitioning(init, names)
 
 
+def gathered(weight: jax.Array) -> jax.Array:
+    """The weight whole on every device for its use here: one all-gather per use (parameters stay sharded).
+
+    For convolution kernels: XLA partitions a conv whose kernel is sharded on its output channels by
+    rotating the shards around the ring one kernel tap at a time (hundreds of tiny collective-permutes
+    per step on a 128-tap positional conv). A no-op outside `sharding_context`.
+    """
+    return nn.with_logical_constraint(weight, (None,) * weight.ndim)
+
+
 def torch_linear_uniform(fan_in: int) -> Callable:
     """PyTorch nn.Linear's default init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
     bound = 1.0 / math.sqrt(fan_in)

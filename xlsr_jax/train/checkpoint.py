@@ -82,9 +82,20 @@ class Checkpointer:
         return step, restored["state"]
 
     def read_state(self, step: int | None = None):
-        """The saved train state as written (no resharding): for inspection and export on one host."""
+        """The saved train state, whole on this host's first device: for inspection and export.
+
+        Works whatever mesh and process count wrote it (the target comes from the checkpoint's own
+        metadata; restoring without one fails with "Topology mismatch" on any other topology).
+        """
         step = self.latest_step() if step is None else step
-        return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        if step is None:
+            raise FileNotFoundError(f"no committed checkpoint in {self.directory}")
+        path = self.directory / str(step) / "state"
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        with ocp.StandardCheckpointer() as reader:
+            tree = reader.metadata(path).item_metadata.tree
+            target = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+            return reader.restore(path, target)
 
     def saved_config(self, step: int | None = None) -> dict | None:
         step = self.latest_step() if step is None else step

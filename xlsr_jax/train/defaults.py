@@ -27,3 +27,14 @@ def mesh_section() -> ml_collections.ConfigDict:
     """`config.mesh`: used when `config.mesh_preset` is "" (-1 fills from the device count; 0 devices = all)."""
     return ml_collections.ConfigDict({"ici": {"data": -1, "fsdp": 1, "tensor": 1},
                                       "dcn": {"data": 1, "fsdp": 1, "tensor": 1}, "num_devices": 0})
+
+
+def sharding_section() -> ml_collections.ConfigDict:
+    """`config.sharding.rules`: logical axis name -> mesh axes ("fsdp", "data,fsdp", or "" for replicated).
+
+    Defaults are `xlsr_jax.parallel.rules.DEFAULT_RULES`; override one entry from the command line,
+    e.g. `--config.sharding.rules.conv_out=` (replicate conv kernels) or `--config.sharding.rules.mlp=fsdp`.
+    """
+    from xlsr_jax.parallel.rules import rules_to_config
+
+    return ml_collections.ConfigDict({"rules": rules_to_config()})

@@ -22,13 +22,14 @@ from data_pipelines.global_batch import to_global_batch
 from data_pipelines.pipeline import PipelineConfig, prepared_dataset
 from data_pipelines.records import DatasetIndex
 from xlsr_jax.config import ConfigError, get_preset
-from xlsr_jax.models.heads import build_model, count_params
+from xlsr_jax.models.heads import abstract_params
+from xlsr_jax.parallel.distributed import describe_job
 from xlsr_jax.parallel.mesh import build_mesh, resolve_mesh_config, validate_for_model
-from xlsr_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-from xlsr_jax.train.metrics import MetricsWriter, device_peak_flops, train_flops_per_audio_second
-from xlsr_jax.train.optim import make_optimizer
-from xlsr_jax.train.state import create_train_state, state_shardings
-from xlsr_jax.train.step import make_eval_step, make_train_step
+from xlsr_jax.parallel.rules import Rules, param_shardings
+from xlsr_jax.train.checkpoint import Checkpointer
+from xlsr_jax.train.metrics import MetricsWriter, device_peak_flops, train_flops_per_step
+from xlsr_jax.train.program import build_program
+from xlsr_jax.train.state import create_train_state
 from xlsr_jax.train.tasks import make_task
 
 log = logging.getLogger(__name__)
@@ -49,29 +50,50 @@ class RunResult:
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag the loop checks between steps (main thread only)."""
+    """SIGTERM (preemption, maintenance) -> every host saves at the same step and stops; no per-step cost.
+
+    One process: a Python SIGTERM handler sets a flag the loop reads between steps. Several
+    processes: JAX's preemption sync point (`jax.distributed` catches SIGTERM on any host and the
+    coordination service picks the step every host stops at), read on the host each step without
+    touching the device. Where the preemption service is disabled, the hosts agree on the flag only
+    at log and checkpoint steps (a small all-gather where they synchronize anyway).
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
+        self._sync_point = jax.process_count() > 1
 
     def __enter__(self):
+        if not self._sync_point:
+            self._install()
+        return self
+
+    def _install(self):
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not in the main thread (e.g. a test runner thread): no handler
             self._previous = None
-        return self
 
     def _handle(self, signum, frame):
         log.warning("SIGTERM received: saving a checkpoint and stopping after this step")
         self.requested = True
 
-    def requested_on_any_host(self) -> bool:
-        """All hosts must stop at the same step (the save is collective): agree on the flag."""
+    def should_stop(self, step: int, hosts_in_step: bool) -> bool:
+        """Whether every host stops after `step`; `hosts_in_step`: a log/checkpoint step (fallback agreement)."""
         if jax.process_count() == 1:
             return self.requested
         from jax.experimental import multihost_utils
 
+        if self._sync_point:
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # jax_enable_preemption_service is off: agree on our own flag instead
+                log.warning("JAX's preemption service is disabled; SIGTERM is acted on at log/checkpoint steps")
+                self._sync_point = False
+                self._install()
+        if not hosts_in_step:
+            return False
         flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
         return bool(np.max(flags))
 
@@ -131,12 +153,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     per_host = global_batch // jax.process_count()
     data_dir = resolve_data_dir(config.data.dir, workdir)
     task = make_task(config, model_config, data_dir, workdir)
-    model_config, objective = task.model_config, task.objective
+    program = build_program(config, mesh, task)
+    model_config = program.model_config
+    if jax.process_index() == 0:
+        log.info("%s; %s, %s parameters", describe_job(mesh, global_batch), config.model.preset,
+                 f"{program.num_params:,}")
 
-    model = build_model(model_config, config.head)
-    optimizer, schedule = make_optimizer(config.optim)
-    abstract, shardings = state_shardings(model, optimizer, mesh, seed=config.train.seed)
-    num_params = count_params(abstract.params)
     train_iter = iter(prepared_dataset(data_dir, config.data.train_split, pipeline_config(config, per_host),
                                        task.train_targets))
     best = config.train.get("best_metric", "")  # e.g. "loss" of the eval split: also keep the best step
@@ -144,68 +166,67 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                 best_metric=best or None, best_mode="min",
                                 async_save=config.train.get("async_checkpointing", True))
     if checkpointer.latest_step() is not None:
-        step, state = checkpointer.restore(abstract_with_shardings(abstract, shardings), train_iter)
+        step, state = checkpointer.restore(program.abstract_state_with_shardings(), train_iter)
         print(f"resumed from step {step} in {checkpointer.directory}", flush=True)
     else:
-        state, _ = create_train_state(model, optimizer, mesh, seed=config.train.seed)
+        state, _ = create_train_state(program.model, program.optimizer, mesh, program.rules, seed=config.train.seed)
         if config.model.get("init_from"):
-            state = init_encoder_from(state, shardings, config.model.init_from)
+            state = init_encoder_from(state, program.state_shardings, config.model.init_from, mesh, program.rules)
         step = 0
 
-    train_step = make_train_step(model, optimizer, schedule, objective, accum_steps=config.train.accum_steps)
-    eval_step = make_eval_step(model, objective)
-    with jax.set_mesh(mesh):
-        jit_train = jax.jit(train_step, out_shardings=(shardings, None), donate_argnums=0)
-        jit_eval = jax.jit(eval_step)
     total = config.train.steps
     writer = MetricsWriter(workdir, total, enabled=jax.process_index() == 0)
-    flops_per_audio_s = train_flops_per_audio_second(model_config, num_params)
     peak = device_peak_flops()
     history, eval_history = [], []
     preempted = False
-    last_log_time, audio_since_log = time.perf_counter(), 0.0
+    last_log_time, audio_since_log, flops_since_log = time.perf_counter(), 0.0, 0.0
     max_streak = config.train.max_nonfinite_streak
     config_json = config.to_dict()
     with _Preemption() as preemption:
         while step < total:
             host_batch = next(train_iter)
-            audio_since_log += float(np.sum(host_batch["attention_mask"])) * jax.process_count() / 16000.0
-            batch = to_global_batch({k: host_batch[k] for k in task.step_keys}, mesh)
-            with jax.set_mesh(mesh):
-                state, metrics = jit_train(state, batch)
+            # Host bookkeeping from the per-row lengths (never the [B, samples] mask): every host reads
+            # the same number of rows, so this host's audio x process count is the step's.
+            audio_since_log += float(np.sum(host_batch["lengths"])) * jax.process_count() / 16000.0
+            flops_since_log += train_flops_per_step(model_config, program.num_params, global_batch,
+                                                    host_batch["input_values"].shape[1])
+            batch = to_global_batch({k: host_batch[k] for k in task.step_keys}, mesh, program.rules)
+            state, metrics = program.train_step(state, batch)
             step += 1
+            log_step = step % config.train.log_every == 0 or step == total
+            checkpoint_step = step % config.train.checkpoint_every == 0 or step == total
             # Reading the streak syncs host and device, so only at log and checkpoint steps: a skipped
             # step changes no parameter, so noticing a streak a few steps late costs nothing.
-            check = step % config.train.log_every == 0 or step % config.train.checkpoint_every == 0 or step == total
-            if check and int(state.nonfinite_streak) >= max_streak:
+            if (log_step or checkpoint_step) and int(state.nonfinite_streak) >= max_streak:
                 checkpointer.wait()
                 raise TrainingError(
                     f"{max_streak} consecutive steps had a non-finite loss or gradient (at step {step}); stopping. "
                     f"The last good checkpoint (step {checkpointer.latest_step()}) is intact in "
                     f"{checkpointer.directory}. Lower optim.peak_lr, check the data, or use float32."
                 )
-            if step % config.train.log_every == 0 or step == total:
+            if log_step:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
-                rate = audio_since_log / max(now - last_log_time, 1e-9)
+                elapsed = max(now - last_log_time, 1e-9)
+                rate = audio_since_log / elapsed
                 m["audio_seconds_per_second"] = rate
                 m["frames_per_second"] = rate * 16000 / model_config.downsample
-                m["step_time"] = (now - last_log_time) / config.train.log_every
+                m["step_time"] = elapsed / config.train.log_every
                 if peak:
-                    m["mfu"] = rate * flops_per_audio_s / (peak * jax.device_count())
-                last_log_time, audio_since_log = now, 0.0
+                    m["mfu"] = flops_since_log / elapsed / (peak * jax.device_count())
+                last_log_time, audio_since_log, flops_since_log = now, 0.0, 0.0
                 writer.write(step, m)
                 writer.progress(step, m)
                 history.append({"step": step, **m})
             if config.train.eval_every and step % config.train.eval_every == 0:
-                eval_history.append({"step": step, **evaluate(config, data_dir, task, mesh, jit_eval,
-                                                              state.params, per_host)})
+                eval_history.append({"step": step, **evaluate(config, data_dir, task, mesh, program.eval_step,
+                                                              state.params, per_host, program.rules)})
                 writer.write(step, eval_history[-1], prefix="eval")
-            if preemption.requested_on_any_host():
+            if preemption.should_stop(step, log_step or checkpoint_step):
                 preempted = True
                 _save_if_finite(checkpointer, step, state, train_iter, config_json, force=True)
                 break
-            if step % config.train.checkpoint_every == 0 or step == total:
+            if checkpoint_step:
                 evaluated = eval_history[-1] if eval_history and eval_history[-1]["step"] == step else None
                 _save_if_finite(checkpointer, step, state, train_iter, config_json,
                                 metrics=evaluated if best and evaluated else None)
@@ -214,11 +235,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return RunResult(step=step, preempted=preempted, history=history, eval_history=eval_history, state=state)
 
 
-def init_encoder_from(state, shardings, model_dir: str):
-    """Replace the fresh encoder (`wav2vec2` subtree) with a pretrained model directory's, resharded."""
-    from xlsr_jax.model_dir import load_model_dir
+def init_encoder_from(state, shardings, model_dir: str, mesh: jax.sharding.Mesh, rules: Rules):
+    """Replace the fresh encoder (`wav2vec2` subtree) with a pretrained model directory's.
 
-    _, _, pretrained = load_model_dir(model_dir)
+    Every array is read straight into its shards on `mesh` (the directory's own logical axis names
+    through `rules`): no device or host ever holds a whole pretrained copy.
+    """
+    from xlsr_jax.model_dir import load_model_dir, read_config
+
+    saved_config, saved_head = read_config(model_dir)
+    saved = abstract_params(saved_config.replace(scan_layers=True), saved_head)
+    _, _, pretrained = load_model_dir(model_dir, shardings=param_shardings(saved, mesh, rules))
     ours = state.params["wav2vec2"]
     theirs = pretrained["wav2vec2"]
     mismatch = [jax.tree_util.keystr(p) for p, a, b in _zip_paths(ours, theirs) if a.shape != b.shape]
@@ -254,7 +281,7 @@ def _save_if_finite(checkpointer, step, state, data_iter, config_json, force=Fal
     checkpointer.save(step, state, data_iter, config_json, metrics=metrics, force=force)
 
 
-def evaluate(config, data_dir, task, mesh, jit_eval, params, per_host: int) -> dict:
+def evaluate(config, data_dir, task, mesh, jit_eval, params, per_host: int, rules: Rules) -> dict:
     """Mean pretraining metrics over `config.train.eval_batches` batches of the held-out split."""
     if not config.data.eval_split:
         return {}
@@ -262,9 +289,8 @@ def evaluate(config, data_dir, task, mesh, jit_eval, params, per_host: int) -> d
     it = iter(ds)
     sums: dict[str, float] = {}
     for _ in range(config.train.eval_batches):
-        batch = to_global_batch({k: v for k, v in next(it).items() if k in task.step_keys}, mesh)
-        with jax.set_mesh(mesh):
-            metrics = jax.device_get(jit_eval(params, batch))
+        batch = to_global_batch({k: v for k, v in next(it).items() if k in task.step_keys}, mesh, rules)
+        metrics = jax.device_get(jit_eval(params, batch))
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     return {k: v / config.train.eval_batches for k, v in sums.items()}

@@ -1,5 +1,5 @@
 """Step metrics: a JSONL log, TensorBoard event files (tensorboardX, no TensorFlow), a progress line,
-and model FLOPs utilization from an analytic FLOP count."""
+and model FLOPs utilization from an analytic FLOP count (attention included)."""
 
 from __future__ import annotations
 
@@ -41,24 +41,27 @@ def device_peak_flops(device=None) -> float | None:
     return None
 
 
-def train_flops_per_audio_second(config: Wav2Vec2Config, num_params: int) -> float:
-    """Forward+backward FLOPs for one second of 16 kHz audio (REFERENCE.md scale anchors).
+def train_flops_per_step(config: Wav2Vec2Config, num_params: int, batch_size: int, num_samples: int) -> float:
+    """Model FLOPs (forward + backward) of one step on a padded [batch_size, num_samples] batch.
 
-    Transformer: 6 * params * frames (+ attention scores 12 * layers * frames^2 * hidden per frame at
-    ~50 frames/s, included for 1 s windows only as a lower bound); conv encoder: 3 x its forward.
+    Per sequence of T frames: 6 * (parameters outside the conv encoder) * T for the matmuls (the
+    positional conv included: each of its weights is used once per frame), 12 * layers * T^2 * hidden
+    for attention (Q K^T and P V, 2 * 2 * T^2 * hidden forward, x3 with the backward pass), and
+    3 x the conv encoder's forward over the samples. Padding counts: it is computed.
     """
-    frames = 16000 / config.downsample
+    frames = config.num_frames(num_samples)
     conv_params = 0
     conv_fwd = 0.0
-    length = 16000.0
+    length = num_samples
     in_dim = 1
     for dim, k, s in zip(config.conv_dim, config.conv_kernel, config.conv_stride):
-        length = (length - k) / s + 1
+        length = (length - k) // s + 1
         conv_fwd += 2.0 * length * k * in_dim * dim
         conv_params += k * in_dim * dim
         in_dim = dim
     dense = 6.0 * (num_params - conv_params) * frames
-    return dense + 3.0 * conv_fwd
+    attention = 12.0 * config.num_hidden_layers * frames * frames * config.hidden_size
+    return float(batch_size) * (dense + attention + 3.0 * conv_fwd)
 
 
 class MetricsWriter:

@@ -1,17 +1,22 @@
 """The train step: one pure function, jitted once per batch shape with explicit shardings.
 
-`xlsr-jax fit` lowers and compiles exactly this function for a TPU topology, so it must not
-depend on anything but its arguments (state, batch) and the closed-over static pieces.
+`jit_train_step` is the only place it is jitted: `train_and_evaluate` calls what it returns and
+`xlsr-jax fit` lowers and compiles the same object for a TPU topology, so the step must not depend
+on anything but its arguments (state, batch) and the closed-over static pieces. The step traces
+inside `sharding_context(mesh, rules)`, so the model's activation constraints are real wherever it
+is compiled (fake CPU devices, a TPU topology, a pod).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from xlsr_jax.parallel.rules import DEFAULT_RULES, Rules, sharding_context
 from xlsr_jax.train.state import TrainState
 
 # Metrics that are counts: summed over micro-batches; everything else is averaged weighted by the
@@ -19,9 +24,30 @@ from xlsr_jax.train.state import TrainState
 _COUNTS = ("num_masked", "num_tokens", "infeasible")
 
 
+def split_micro_batches(batch: dict, accum_steps: int) -> dict:
+    """[B, ...] -> [accum, B / accum, ...] with micro-batch i = rows i, i + accum, i + 2 * accum, ...
+
+    Strided, not contiguous: a device holding rows [j * B/n, (j + 1) * B/n) holds B/(n * accum) rows
+    of every micro-batch, so the split moves no data and each micro-batch runs on every device
+    (a contiguous split gathers the batch and runs each micro-batch on 1/accum of the devices).
+    """
+
+    def split(x):
+        y = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(y, (None, "batch") + (None,) * (x.ndim - 1))
+
+    return jax.tree_util.tree_map(split, batch)
+
+
 def make_train_step(model, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                    objective: Callable, accum_steps: int = 1) -> Callable:
-    """train_step(state, batch) -> (state, metrics); batch leaves have the global batch first."""
+                    objective: Callable, accum_steps: int = 1, mesh: jax.sharding.Mesh | None = None,
+                    rules: Rules = DEFAULT_RULES, param_shardings=None) -> Callable:
+    """train_step(state, batch) -> (state, metrics); batch leaves have the global batch first.
+
+    With `mesh`, the step traces inside `sharding_context(mesh, rules)`; with `param_shardings` (the
+    params' NamedSharding tree) the gradients are constrained to the parameters' sharding, so FSDP
+    reduce-scatters them instead of all-reducing whole gradients.
+    """
 
     def grads_of(params, batch, step, key):
         def loss_fn(p):
@@ -32,24 +58,36 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule: op
         return loss_sum, denom, metrics, grads
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        if mesh is None:
+            return _train_step(state, batch)
+        with sharding_context(mesh, rules):
+            return _train_step(state, batch)
+
+    def constrain_grads(grads):
+        if param_shardings is None:
+            return grads
+        return jax.lax.with_sharding_constraint(grads, param_shardings)
+
+    def _train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if accum_steps == 1:
             loss_sum, denom, metrics, grads = grads_of(state.params, batch, state.step, key)
+            grads = constrain_grads(grads)
         else:
-            micro = jax.tree_util.tree_map(
-                lambda x: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]), batch)
+            micro = split_micro_batches(batch, accum_steps)
 
             def body(carry, inputs):
                 i, mb = inputs
                 ls, d, m, g = grads_of(state.params, mb, state.step, jax.random.fold_in(key, i))
                 acc_ls, acc_d, acc_m, acc_g = carry
                 acc_m = {k: acc_m[k] + (m[k] if k in _COUNTS else m[k] * d) for k in acc_m}
-                return (acc_ls + ls, acc_d + d, acc_m, jax.tree_util.tree_map(jnp.add, acc_g, g)), None
+                acc_g = constrain_grads(jax.tree_util.tree_map(jnp.add, acc_g, g))
+                return (acc_ls + ls, acc_d + d, acc_m, acc_g), None
 
             shapes = jax.eval_shape(lambda: grads_of(state.params, jax.tree_util.tree_map(lambda x: x[0], micro),
                                                      state.step, key))
             zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
-            init = (zeros[0], zeros[1], zeros[2], zeros[3])
+            init = (zeros[0], zeros[1], zeros[2], constrain_grads(zeros[3]))
             (loss_sum, denom, metrics, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum_steps), micro))
             metrics = {k: v if k in _COUNTS else v / jnp.maximum(denom, 1.0) for k, v in metrics.items()}
         denom = jnp.maximum(denom, 1.0)
@@ -78,10 +116,23 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule: op
     return train_step
 
 
-def make_eval_step(model, objective: Callable) -> Callable:
+def jit_train_step(train_step: Callable, state_shardings, batch_shardings) -> Callable:
+    """The one jitted train step `train` calls and `fit` lowers: explicit shardings, the state donated."""
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def make_eval_step(model, objective: Callable, mesh: jax.sharding.Mesh | None = None,
+                   rules: Rules = DEFAULT_RULES) -> Callable:
     """eval_step(params, batch) -> metrics (deterministic: no dropout, argmax codes)."""
 
     def eval_step(params, batch):
+        if mesh is None:
+            return _eval_step(params, batch)
+        with sharding_context(mesh, rules):
+            return _eval_step(params, batch)
+
+    def _eval_step(params, batch):
         loss_sum, denom, metrics = objective(model, params, batch, jnp.zeros([], jnp.int32), None, deterministic=True)
         out = dict(metrics)
         out["loss"] = loss_sum / jnp.maximum(denom, 1.0)

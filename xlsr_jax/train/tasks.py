@@ -55,8 +55,9 @@ def ctc_vocabulary(config: ml_collections.ConfigDict, data_dir: pathlib.Path, wo
     return Vocabulary.load(path)
 
 
-def make_task(config: ml_collections.ConfigDict, model_config: Wav2Vec2Config, data_dir: pathlib.Path,
-              workdir: pathlib.Path) -> Task:
+def make_task(config: ml_collections.ConfigDict, model_config: Wav2Vec2Config, data_dir: pathlib.Path | None,
+              workdir: pathlib.Path | None, vocab: Vocabulary | None = None) -> Task:
+    """The task `config.head` trains; `vocab` (CTC) skips reading or building the run's vocabulary."""
     d = config.data
     if config.head == "pretraining":
         o = config.objective
@@ -69,10 +70,10 @@ def make_task(config: ml_collections.ConfigDict, model_config: Wav2Vec2Config, d
             ("input_values", "attention_mask", "mask_time_indices", "sampled_negatives"),
         )  # fmt: skip
     if config.head == "ctc":
-        vocab = ctc_vocabulary(config, data_dir, workdir)
+        vocab = vocab if vocab is not None else ctc_vocabulary(config, data_dir, workdir)
         model_config = model_config.replace(vocab_size=len(vocab), pad_token_id=0)
         keys = ("input_values", "attention_mask", "labels") + (("mask_time_indices",) if d.mask_prob > 0 else ())
-        vocab_file = pathlib.Path(d.vocab) if d.get("vocab") else workdir / "vocab.json"
+        vocab_file = pathlib.Path(d.vocab) if d.get("vocab") or workdir is None else workdir / "vocab.json"
         return Task(
             model_config, CtcObjective(zero_infinity=True),
             CtcTargets(vocab, lowercase=d.get("lowercase", False), model=model_config, mask_prob=d.mask_prob,

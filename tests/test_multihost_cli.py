@@ -1,0 +1,161 @@
+"""Multi-host runs started the way users start them: `xlsr-jax train` on every "host" (local processes).
+
+Each process gets 4 fake CPU devices and joins through --coordinator-address/--num-processes/--process-id;
+the reference is one process with 8 devices. Parameters are compared through the runs' own checkpoints.
+"""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import portpicker
+import pytest
+
+from data_pipelines.corpus import corpus_dir
+from data_pipelines.ingest.prepare import prepare
+from xlsr_jax.parallel.distributed import detect
+from xlsr_jax.config import ConfigError
+from xlsr_jax.train.checkpoint import Checkpointer
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-c", "import sys; from xlsr_jax.cli import main; sys.exit(main())"]
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _train_cmd(workdir, data_dir, steps, extra=()):
+    overrides = {"data.dir": data_dir, "train.steps": steps, "train.eval_every": 0, "train.log_every": 1,
+                 "data.num_buckets": 1, "train.checkpoint_every": 2, "mesh_preset": "''", "mesh.ici.data": 2,
+                 "mesh.ici.fsdp": -1, "train.async_checkpointing": False, "train.keep_checkpoints": 5}
+    return CLI + ["train", "--config", "experiments/pretrain_xlsr.py:smoke", "--workdir", str(workdir),
+                  *[f"--config.{k}={v}" for k, v in overrides.items()], *extra]
+
+
+def _start_pair(workdir, data_dir, steps, port):
+    return [subprocess.Popen(_train_cmd(workdir, data_dir, steps) + [
+        "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+        "--heartbeat-timeout", "10"], cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+
+
+def _params(workdir, step=None):
+    ckpt = Checkpointer(pathlib.Path(workdir) / "checkpoints")
+    state = ckpt.read_state(step)
+    ckpt.close()
+    return jax.tree_util.tree_leaves(jax.device_get(state["params"])), int(state["step"])
+
+
+def _max_diff(a, b):
+    return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus") / "prepared"
+    prepare(corpus_dir(), out, workers=0, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """One process, 8 devices, 10 steps: what every multi-process run must reproduce."""
+    workdir = tmp_path_factory.mktemp("one")
+    run = subprocess.run(_train_cmd(workdir, data_dir, 10), cwd=ROOT, env=_env(8), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {step: _params(workdir, step)[0] for step in (2, 4, 6, 8, 10)}
+
+
+def test_detect_reads_flags_then_environment():
+    assert detect(environ={}).method == "single"
+    spec = detect(environ={"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234", "JAX_NUM_PROCESSES": "4",
+                           "JAX_PROCESS_ID": "3"})
+    assert (spec.method, spec.coordinator_address, spec.num_processes, spec.process_id) == ("explicit", "10.0.0.2:1234",
+                                                                                            4, 3)
+    assert detect("h:1", 2, 0, environ={"JAX_PROCESS_ID": "1"}).process_id == 0  # flags win
+    assert detect(environ={"SLURM_NTASKS": "8", "SLURM_JOB_ID": "77"}).method == "slurm"
+    with pytest.raises(ConfigError, match="missing"):
+        detect("h:1", environ={})
+    with pytest.raises(ConfigError, match="must be in"):
+        detect("h:1", 2, 2, environ={})
+
+
+@pytest.mark.slow
+def test_two_processes_from_the_command_line_equal_one(tmp_path, data_dir, reference):
+    procs = _start_pair(tmp_path / "two", data_dir, 6, portpicker.pick_unused_port())
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "2 process(es) x 4 cpu device(s)" in outs[0][1] and "per host 4" in outs[0][1]
+    params, step = _params(tmp_path / "two")
+    assert step == 6
+    diff = _max_diff(params, reference[6])
+    print("2 processes vs 1: max param diff", diff)
+    assert diff < 1e-5
+
+
+@pytest.mark.slow
+def test_a_killed_peer_stops_the_other_and_a_rerun_resumes(tmp_path, data_dir, reference):
+    workdir = tmp_path / "run"
+    procs = _start_pair(workdir, data_dir, 400, portpicker.pick_unused_port())
+    deadline = time.time() + 300
+    while time.time() < deadline and not (workdir / "checkpoints" / "2").is_dir():
+        time.sleep(0.5)
+    assert (workdir / "checkpoints" / "2").is_dir(), procs[0].stderr.read()[-3000:] if procs[0].poll() else ""
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    try:
+        procs[0].wait(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+    survivor_exit = time.time() - killed_at
+    print(f"survivor exited {survivor_exit:.1f} s after its peer was killed, status {procs[0].returncode}")
+    assert procs[0].returncode != 0 and survivor_exit < 60
+    saved = Checkpointer(workdir / "checkpoints").all_steps()
+    assert saved and max(saved) % 2 == 0
+    assert max(saved) < 10, "the run went too far before the kill to compare with the reference"
+    # The same command on both hosts again: resumes from the last committed checkpoint and finishes.
+    procs = _start_pair(workdir, data_dir, 10, portpicker.pick_unused_port())
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert f"resumed from step {max(saved)}" in outs[0][0]
+    params, step = _params(workdir, 10)
+    assert step == 10 and _max_diff(params, reference[10]) < 1e-5
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_saves_the_same_step_on_both(tmp_path, data_dir, reference):
+    workdir = tmp_path / "run"
+    procs = _start_pair(workdir, data_dir, 400, portpicker.pick_unused_port())
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "preempted: saved and stopped" in out
+    stopped = [int(out.split("preempted: saved and stopped at step ")[1].split(";")[0]) for out, _ in outs]
+    assert stopped[0] == stopped[1] and 3 <= stopped[0] < 400
+    assert (workdir / "checkpoints" / str(stopped[0])).is_dir()
+    assert stopped[0] < 10, "the run went too far before SIGTERM to compare with the reference"
+    procs = _start_pair(workdir, data_dir, 10, portpicker.pick_unused_port())
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert f"resumed from step {stopped[0]}" in outs[0][0]
+    params, _ = _params(workdir, 10)
+    assert _max_diff(params, reference[10]) < 1e-5

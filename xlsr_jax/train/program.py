@@ -1,0 +1,108 @@
+"""The compiled pieces of a run, built once from (config, mesh, task): what `train` runs and `fit` compiles.
+
+`build_program` is the single place the model, optimizer, rules, state shardings and the jitted
+train/eval steps are put together. `train_and_evaluate` feeds real batches to `program.train_step`;
+`xlsr-jax fit` calls `program.train_step.lower(program.abstract_state_with_shardings(),
+abstract_batch(...))` for a TPU topology, so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from data_pipelines.global_batch import BATCH_AXES
+from xlsr_jax.config import ConfigError, Wav2Vec2Config
+from xlsr_jax.models.heads import build_model, count_params
+from xlsr_jax.parallel.mesh import validate_for_model
+from xlsr_jax.parallel.rules import Rules, logical_sharding, rules_from_config
+from xlsr_jax.train.checkpoint import abstract_with_shardings
+from xlsr_jax.train.optim import make_optimizer
+from xlsr_jax.train.state import state_shardings
+from xlsr_jax.train.step import jit_train_step, make_eval_step, make_train_step
+from xlsr_jax.train.tasks import Task
+
+
+@dataclasses.dataclass
+class TrainProgram:
+    model_config: Wav2Vec2Config
+    model: object
+    task: Task
+    mesh: jax.sharding.Mesh
+    rules: Rules
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract_state: object  # unboxed TrainState of ShapeDtypeStructs
+    state_shardings: object  # NamedSharding tree matching abstract_state
+    batch_shardings: dict[str, jax.sharding.NamedSharding]
+    num_params: int
+    accum_steps: int
+    train_step: object  # jitted (state, batch) -> (state, metrics)
+    eval_step: object  # jitted (params, batch) -> metrics
+
+    def abstract_state_with_shardings(self):
+        """The state as ShapeDtypeStructs carrying their shardings (restore targets, AOT lowering)."""
+        return abstract_with_shardings(self.abstract_state, self.state_shardings)
+
+
+def rules_of(config: ml_collections.ConfigDict) -> Rules:
+    """The run's logical-axis rules (`config.sharding.rules`, DEFAULT_RULES where the config has none)."""
+    section = config.get("sharding", None)
+    return rules_from_config(dict(section.rules) if section is not None and "rules" in section else {})
+
+
+def validate_batch(mesh: jax.sharding.Mesh, global_batch: int, accum_steps: int) -> None:
+    """The global batch must split into `accum_steps` micro-batches that each divide over the batch shards."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if accum_steps < 1:
+        raise ConfigError(f"train.accum_steps must be >= 1, got {accum_steps}")
+    if global_batch % (accum_steps * shards):
+        raise ConfigError(f"global batch {global_batch} does not split into {accum_steps} micro-batches over "
+                          f"data*fsdp={shards} devices: make it a multiple of {accum_steps * shards}")
+
+
+def build_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, task: Task) -> TrainProgram:
+    """Model, optimizer, sharded abstract state and the jitted steps for `config` on `mesh`."""
+    model_config = task.model_config
+    rules = rules_of(config)
+    accum = int(config.train.get("accum_steps", 1))
+    validate_for_model(mesh, model_config, config.data.global_batch_size)
+    validate_batch(mesh, config.data.global_batch_size, accum)
+    model = build_model(model_config, config.head)
+    optimizer, schedule = make_optimizer(config.optim)
+    abstract, shardings = state_shardings(model, optimizer, mesh, rules, seed=config.train.seed)
+    batch_shardings = {k: logical_sharding(BATCH_AXES[k], mesh, rules) for k in task.step_keys}
+    step = make_train_step(model, optimizer, schedule, task.objective, accum_steps=accum, mesh=mesh, rules=rules,
+                           param_shardings=shardings.params)
+    eval_step = make_eval_step(model, task.objective, mesh=mesh, rules=rules)
+    return TrainProgram(
+        model_config=model_config, model=model, task=task, mesh=mesh, rules=rules, optimizer=optimizer,
+        schedule=schedule, abstract_state=abstract, state_shardings=shardings, batch_shardings=batch_shardings,
+        num_params=count_params(abstract.params), accum_steps=accum,
+        train_step=jit_train_step(step, shardings, batch_shardings),
+        eval_step=jax.jit(eval_step),  # eval batches may lack training-only keys (e.g. SpecAugment masks)
+    )  # fmt: skip
+
+
+def abstract_batch(program: TrainProgram, global_batch: int, num_samples: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The step's batch at [global_batch, num_samples] as ShapeDtypeStructs with their shardings.
+
+    Shapes and dtypes come from running the task's own pipeline targets on one fake row, so they are
+    exactly what the input pipeline feeds `train`.
+    """
+    raw = {
+        "input_values": np.zeros((1, num_samples), np.float32),
+        "attention_mask": np.ones((1, num_samples), np.int32),
+        "lengths": np.asarray([num_samples], np.int64),
+        "texts": ["a"],
+        "language_id": np.zeros((1,), np.int32),
+        "positions": np.zeros((1,), np.int64),
+    }
+    row = program.task.train_targets(raw, np.random.default_rng(0))
+    return {k: jax.ShapeDtypeStruct((global_batch, *np.shape(row[k])[1:]), np.asarray(row[k]).dtype,
+                                    sharding=program.batch_shardings[k])
+            for k in program.task.step_keys}
