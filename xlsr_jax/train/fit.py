@@ -32,8 +32,10 @@ from xlsr_jax.train.tasks import make_task
 log = logging.getLogger(__name__)
 
 # What XLA's TPU compiler says when a program does not fit, e.g.
-# "Ran out of memory in memory space hbm. Used 52.01G of 15.75G hbm. Exceeded hbm capacity by 36.26G."
-_OOM = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm")
+# "Ran out of memory in memory space hbm. Used 52.01G of 15.75G hbm. Exceeded hbm capacity by 36.26G." or
+# "the total memory required for HLO temporaries (37.61G) exceeds available HBM (15.75G)" (temporaries alone).
+_OOM = re.compile(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm"
+                  r"|HLO temporaries \(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
 _UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
@@ -135,8 +137,9 @@ def analytic_memory(program: TrainProgram, global_batch: int, num_samples: int) 
     Activations per sequence of T frames and per layer, under the remat policy: `full` keeps the
     layer input (T*H); `dots` keeps every matmul output (q, k, v, attention output, out_proj, FFN in
     and out: 6*T*H + T*F in the compute dtype, and the float32 attention scores heads*T*T);
-    `dots_no_batch` keeps the weight matmuls only (5*T*H + T*F); `none` keeps about twice `dots`.
-    The conv encoder is not rematerialized: each of its layers keeps ~4 [T_i, 512] tensors in float32.
+    `dots_no_batch` keeps the weight matmuls only (5*T*H + T*F); `none` also keeps the softmax's
+    intermediates (about 10 more bytes per attention score). The conv encoder is not rematerialized: each of its layers keeps its
+    output and GELU input in the compute dtype and the LayerNorm input in float32 ([T_i, 512] each).
     Sequences are split over data*fsdp, heads and FFN width over tensor.
     """
     cfg: Wav2Vec2Config = program.model_config
@@ -159,22 +162,24 @@ def analytic_memory(program: TrainProgram, global_batch: int, num_samples: int) 
         "full": t * h * b,
         "dots": dots,
         "dots_no_batch": (2 * h + 3 * h / tensor + f / tensor) * t * b,
-        "none": 2 * dots,
+        "none": dots + (n / tensor) * t * t * 10,
     }[cfg.remat_policy]
     conv = 0.0
     length = num_samples
     for dim, k, s in zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride):
         length = (length - k) // s + 1
-        conv += 4 * length * dim * 4
+        conv += length * dim * (2 * b + 4)
     activations = rows * (cfg.num_hidden_layers * per_layer + conv + 4 * t * h * 4)
     return MemoryEstimate(state=state, gradients=gradients, activations=int(activations))
 
 
 def _oom_bytes(message: str) -> tuple[int, int] | None:
+    """(bytes needed, bytes available) from the compiler's out-of-memory message, or None."""
     m = _OOM.search(message)
     if not m:
         return None
-    return int(float(m.group(1)) * _UNITS[m.group(2)]), int(float(m.group(3)) * _UNITS[m.group(4)])
+    used, unit, limit, limit_unit = [g for g in m.groups() if g is not None]
+    return int(float(used) * _UNITS[unit]), int(float(limit) * _UNITS[limit_unit])
 
 
 def compile_once(program: TrainProgram, global_batch: int, num_samples: int, hbm_bytes: int | None,
