@@ -51,7 +51,7 @@ def test_bad_input_gets_one_line_before_any_compile(capsys, monkeypatch):
     assert code == 2 and "256 chips per slice but v5e-8 has 8" in err
     code, _, err, _ = _fit(capsys, "--config", "experiments/pretrain_xlsr.py:xlsr_300m", "--topology", "v5p-128",
                            "--num-slices", "2", "--config.mesh_preset=v5p-128")
-    assert code == 2 and "--num-slices is 2" in err
+    assert code == 2 and "joins 1 slice(s) over DCN but v5p-128 has 2" in err
     code, _, err, _ = _fit(capsys, "--config", "experiments/pretrain_xlsr.py:smoke")
     assert code == 2 and "exactly one of --topology" in err
     monkeypatch.setattr(topology_module.importlib.util, "find_spec", lambda name: None)

@@ -162,6 +162,36 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0 if report.fits or not args.fail_if_not_fit else 1
 
 
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from xlsr_jax import launch
+    from xlsr_jax.experiment import load_experiment
+
+    required = {"tpu": ("accelerator_type", "zone"), "xpk": ("accelerator_type", "cluster"), "slurm": ("nodes",)}
+    missing = [f"--{n.replace('_', '-')}" for n in required[args.target] if getattr(args, n) is None]
+    if missing:
+        raise ConfigError(f"launch {args.target} needs {', '.join(missing)}")
+    experiment = load_experiment(args.config, args.overrides)  # a bad config fails here, before anything is created
+    if args.target == "tpu":
+        target = launch.check_tpu_mesh(experiment, args.accelerator_type, args.num_slices)
+        plan = launch.tpu_plan(args.name, args.zone, args.accelerator_type, args.config, args.workdir, args.overrides,
+                               num_slices=args.num_slices, runtime_version=args.runtime_version, project=args.project,
+                               package=args.package, spot=args.spot)
+    elif args.target == "xpk":
+        target = launch.check_tpu_mesh(experiment, args.accelerator_type, args.num_slices)
+        plan = launch.xpk_plan(args.cluster, args.name, args.accelerator_type, args.config, args.workdir,
+                               args.overrides, num_slices=args.num_slices, base_image=args.base_image,
+                               project=args.project, zone=args.zone, package=args.package)
+    else:
+        target = launch.check_gpu_mesh(experiment, args.nodes, args.gpus_per_node)
+        plan = launch.slurm_plan(args.name, args.nodes, args.gpus_per_node, args.config, args.workdir, args.overrides,
+                                 partition=args.partition, time_limit=args.time, setup=args.setup)
+    print(f"# {args.target}: {target}; mesh checked")
+    print(plan.render())
+    if args.dry_run:
+        return 0
+    return launch.run_plan(plan)
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from xlsr_jax.train.export import export_checkpoint
 
@@ -268,6 +298,30 @@ def build_parser() -> argparse.ArgumentParser:
     fitp.add_argument("--fail-if-not-fit", action="store_true", help="exit 1 when it does not fit")
     fitp.add_argument("--dump-hlo", metavar="DIR", help="write the lowered and compiled programs' text here")
     fitp.set_defaults(func=_cmd_fit)
+
+    lp = sub.add_parser("launch", help="render (and run) the commands that start `xlsr-jax train` on a pod: "
+                                       "TPU VMs, GKE via xpk, or a SLURM GPU cluster")
+    lp.add_argument("target", choices=["tpu", "xpk", "slurm"])
+    lp.add_argument("--config", required=True, help="experiments/<file>.py[:preset]")
+    lp.add_argument("--workdir", required=True, help="shared by every host, e.g. gs://bucket/run")
+    lp.add_argument("--name", required=True, help="TPU VM / queued resource / xpk workload / SLURM job name")
+    lp.add_argument("--dry-run", action="store_true", help="print what would run, create nothing")
+    lp.add_argument("--accelerator-type", help="tpu, xpk: e.g. v5p-128, v5e-256, v6e-256")
+    lp.add_argument("--num-slices", type=int, default=1, help="tpu, xpk: slices joined over DCN")
+    lp.add_argument("--zone", help="tpu (required), xpk")
+    lp.add_argument("--project")
+    lp.add_argument("--runtime-version", default="tpu-ubuntu2204-base", help="tpu: TPU VM software version")
+    lp.add_argument("--spot", action="store_true", help="tpu: spot capacity (preemptible: the job resumes itself)")
+    lp.add_argument("--package", default="xlsr-jax[tpu]",
+                    help="what `pip install` gets on each worker (a wheel path, a git URL, ...)")
+    lp.add_argument("--cluster", help="xpk: the GKE cluster")
+    lp.add_argument("--base-image", default="python:3.11", help="xpk: base image of the workload")
+    lp.add_argument("--nodes", type=int, help="slurm: GPU nodes")
+    lp.add_argument("--gpus-per-node", type=int, default=8, help="slurm")
+    lp.add_argument("--partition", help="slurm")
+    lp.add_argument("--time", default="24:00:00", help="slurm: time limit")
+    lp.add_argument("--setup", default="", help="slurm: a shell line run before training (e.g. activating a venv)")
+    lp.set_defaults(func=_cmd_launch)
 
     export = sub.add_parser("export", help="write a model directory from a training checkpoint")
     export.add_argument("--workdir", required=True, help="the training run's --workdir")

@@ -53,6 +53,25 @@ def resolve_mesh_config(mesh_preset: str, mesh: Mapping) -> dict:
     return {"ici": dict(mesh.get("ici", {})), "dcn": dict(mesh.get("dcn", {})), "num_devices": mesh.get("num_devices", 0)}
 
 
+def check_mesh_covers(mesh_preset: str, mesh: Mapping, devices_per_slice: int, num_slices: int, where: str) -> None:
+    """Raise ConfigError (before anything compiles or is created) unless the mesh spans exactly these devices.
+
+    `devices_per_slice`: chips of a TPU slice or GPUs of a node (ICI); `num_slices`: slices or nodes (DCN).
+    """
+    mesh_config = resolve_mesh_config(mesh_preset, mesh)
+    ici = [int(v) for v in dict(mesh_config.get("ici") or {}).values()]
+    dcn = [int(v) for v in dict(mesh_config.get("dcn") or {}).values()]
+    name = f"mesh_preset {mesh_preset!r}" if mesh_preset else "config.mesh"
+    known_ici = math.prod(v for v in ici if v != -1)
+    if (-1 not in ici and known_ici != devices_per_slice) or devices_per_slice % known_ici:
+        raise ConfigError(f"{name} spans {known_ici} chips per slice but {where} has {devices_per_slice}: "
+                          "pick the preset for this pod or set mesh.ici")
+    known_dcn = math.prod(v for v in dcn if v != -1)
+    if (-1 not in dcn and known_dcn != num_slices) or num_slices % known_dcn:
+        raise ConfigError(f"{name} joins {known_dcn} slice(s) over DCN but {where} has {num_slices}: "
+                          f"set mesh.dcn (e.g. --config.mesh.dcn.data={num_slices})")
+
+
 def _sizes(level: Mapping[str, int] | None, name: str) -> list[int]:
     level = dict(level or {})
     unknown = sorted(set(level) - set(AXES))

@@ -23,7 +23,7 @@ import numpy as np
 from data_pipelines.vocab import SPECIAL_TOKENS, Vocabulary
 from xlsr_jax.config import ConfigError, Wav2Vec2Config
 from xlsr_jax.parallel.hlo import CollectiveStats, collective_stats, count_sharding_annotations
-from xlsr_jax.parallel.mesh import build_mesh, resolve_mesh_config
+from xlsr_jax.parallel.mesh import build_mesh, check_mesh_covers, resolve_mesh_config
 from xlsr_jax.parallel.topology import Topology, topology_devices
 from xlsr_jax.train.metrics import device_peak_flops, train_flops_per_step
 from xlsr_jax.train.program import TrainProgram, abstract_batch, build_program
@@ -274,7 +274,8 @@ def fit(config: ml_collections.ConfigDict, topology: Topology | None = None, dev
         num_samples: int | None = None, dump_dir: str | None = None) -> tuple[TrainProgram, FitReport]:
     """Compile `config`'s train step for `topology` (or for `devices`) and report memory, collectives, FLOPs."""
     if topology is not None:
-        _check_mesh(config, topology)
+        check_mesh_covers(config.mesh_preset, config.mesh, topology.chips_per_slice, topology.num_slices,
+                          topology.name)
         devices = topology_devices(topology)
         target, hbm = topology.describe(), topology.hbm_bytes
     else:
@@ -283,20 +284,6 @@ def fit(config: ml_collections.ConfigDict, topology: Topology | None = None, dev
     program = fit_program(config, devices)
     samples = int(num_samples or config.data.max_sample_size)
     return program, compile_once(program, config.data.global_batch_size, samples, hbm, target, dump_dir=dump_dir)
-
-
-def _check_mesh(config: ml_collections.ConfigDict, topology: Topology) -> None:
-    """One line before any compile when the mesh cannot cover the topology's chips."""
-    mesh_config = resolve_mesh_config(config.mesh_preset, config.mesh)
-    ici = [int(v) for v in dict(mesh_config.get("ici") or {}).values()]
-    dcn = [int(v) for v in dict(mesh_config.get("dcn") or {}).values()]
-    where = f"mesh_preset {config.mesh_preset!r}" if config.mesh_preset else "config.mesh"
-    if -1 not in ici and math.prod(ici) != topology.chips_per_slice:
-        raise ConfigError(f"{where} spans {math.prod(ici)} chips per slice but {topology.name} has "
-                          f"{topology.chips_per_slice}: pick the preset for this pod or set mesh.ici")
-    if -1 not in dcn and math.prod(dcn or [1]) != topology.num_slices:
-        raise ConfigError(f"{where} joins {math.prod(dcn or [1])} slice(s) over DCN but --num-slices is "
-                          f"{topology.num_slices}: set mesh.dcn (e.g. --config.mesh.dcn.data={topology.num_slices})")
 
 
 def format_report(report: FitReport) -> list[str]:
