@@ -14,6 +14,7 @@ import pathlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from etils import epath
 
 PAD, BOS, EOS, UNK, WORD_DELIMITER = "<pad>", "<s>", "</s>", "<unk>", "|"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, WORD_DELIMITER)
@@ -42,9 +43,9 @@ class Vocabulary:
         chars = sorted(ch for ch, n in counts.items() if n >= min_count and ch not in SPECIAL_TOKENS)
         return cls(list(SPECIAL_TOKENS) + chars)
 
-    def save(self, path: str | pathlib.Path) -> pathlib.Path:
-        """Writes `vocab.json` (into `path` if it is a directory); returns the file path."""
-        path = pathlib.Path(path)
+    def save(self, path: str | pathlib.Path) -> epath.Path:
+        """Writes `vocab.json` (into `path` if it is a directory; local or gs://); returns the file path."""
+        path = epath.Path(path)
         if path.is_dir():
             path = path / "vocab.json"
         path.write_text(json.dumps(self.ids, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
@@ -52,8 +53,8 @@ class Vocabulary:
 
     @classmethod
     def load(cls, path: str | pathlib.Path) -> Vocabulary:
-        """Reads a `vocab.json` (or the one inside a directory)."""
-        path = pathlib.Path(path)
+        """Reads a `vocab.json` (or the one inside a directory; local or gs://)."""
+        path = epath.Path(path)
         if path.is_dir():
             path = path / "vocab.json"
         ids = json.loads(path.read_text(encoding="utf-8"))

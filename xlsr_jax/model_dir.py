@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+
+from etils import epath
 from collections.abc import Iterable
 from typing import Any
 
@@ -55,8 +57,8 @@ def save_model_dir(
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path / "params", stacked)
         ckptr.wait_until_finished()
-    for src in extra_files:
-        shutil.copy(src, path / pathlib.Path(src).name)
+    for src in extra_files:  # local or in a bucket (e.g. a run's gs://.../vocab.json)
+        (path / epath.Path(src).name).write_bytes(epath.Path(src).read_bytes())
     # config.json last: its presence marks a complete directory.
     config.save(path / "config.json", head=head, architectures=[HF_ARCHITECTURES[head]])
     return path

@@ -16,8 +16,14 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
+
+
+def is_local(path: str | pathlib.Path | epath.Path) -> bool:
+    """Whether `path` is on this machine's file system (not gs://, s3://, ...)."""
+    return "://" not in str(path)
 
 
 def _data_args(iterator, save: bool):
@@ -32,9 +38,16 @@ def _data_args(iterator, save: bool):
 class Checkpointer:
     """Keeps the last `keep` checkpoints (plus the best by `best_metric` when given) under `directory`."""
 
-    def __init__(self, directory: str | pathlib.Path, keep: int = 3, best_metric: str | None = None,
-                 best_mode: str = "min", async_save: bool = True):
-        self.directory = pathlib.Path(directory).absolute()
+    def __init__(self, directory: str | pathlib.Path | epath.Path, keep: int = 3, best_metric: str | None = None,
+                 best_mode: str = "min", async_save: bool = True, use_ocdbt: bool = True):
+        """`directory`: a local path or any path Orbax writes (gs://bucket/run/checkpoints, via etils.epath).
+
+        `use_ocdbt`: tensorstore's OCDBT layout (a few large files per host; the default). Off writes one
+        zarr file per chunk, which also works against storage emulators that lack object generations.
+        """
+        self.directory = epath.Path(directory)
+        if is_local(directory):
+            self.directory = epath.Path(pathlib.Path(directory).absolute())
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             best_fn=(lambda m: float(m[best_metric])) if best_metric else None,
@@ -44,7 +57,13 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = None
+        if not use_ocdbt:  # naming one item's handler means naming every item's
+            import grain
+
+            handlers = {"state": ocp.StandardCheckpointHandler(use_ocdbt=False), "config": ocp.JsonCheckpointHandler(),
+                        "data": grain.checkpoint.CheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         """The newest committed step, or None."""

@@ -20,6 +20,7 @@ def train_section(steps: int, eval_every: int, checkpoint_every: int) -> ml_coll
         "best_metric": "loss",  # eval-split metric; the best checkpoint is kept beside the last N
         "max_nonfinite_streak": 20,
         "async_checkpointing": True,
+        "checkpoint_ocdbt": True,  # tensorstore's OCDBT layout; False: one file per chunk (see train/checkpoint.py)
     })  # fmt: skip
 
 

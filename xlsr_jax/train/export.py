@@ -5,16 +5,17 @@ from __future__ import annotations
 import pathlib
 
 import ml_collections
+from etils import epath
 
 from xlsr_jax.model_dir import save_model_dir
 from xlsr_jax.train.checkpoint import Checkpointer
 
 
 def export_checkpoint(workdir: str | pathlib.Path, output: str | pathlib.Path, step: int | None = None) -> pathlib.Path:
-    """Write MODEL_DIR from the checkpoint at `step` (default: newest) of a run in `workdir`."""
+    """Write MODEL_DIR from the checkpoint at `step` (default: newest) of a run in `workdir` (local or gs://)."""
     from xlsr_jax.train.loop import model_config_from
 
-    checkpointer = Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False)
+    checkpointer = Checkpointer(epath.Path(workdir) / "checkpoints", async_save=False)
     step = checkpointer.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no committed checkpoint under {workdir}/checkpoints")
@@ -29,7 +30,7 @@ def export_checkpoint(workdir: str | pathlib.Path, output: str | pathlib.Path, s
     if config.head == "ctc":  # the vocabulary the run trained with sets the output size
         from data_pipelines.vocab import Vocabulary
 
-        vocab_file = pathlib.Path(config.data.vocab) if config.data.get("vocab") else pathlib.Path(workdir) / "vocab.json"
+        vocab_file = epath.Path(config.data.vocab) if config.data.get("vocab") else epath.Path(workdir) / "vocab.json"
         model_config = model_config.replace(vocab_size=len(Vocabulary.load(vocab_file)), pad_token_id=0)
         extra.append(vocab_file)
     return save_model_dir(output, model_config, params, config.head, extra_files=extra)

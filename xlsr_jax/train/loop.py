@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from data_pipelines.global_batch import to_global_batch
 from data_pipelines.pipeline import PipelineConfig, prepared_dataset
@@ -26,7 +27,7 @@ from xlsr_jax.models.heads import abstract_params
 from xlsr_jax.parallel.distributed import describe_job
 from xlsr_jax.parallel.mesh import build_mesh, resolve_mesh_config, validate_for_model
 from xlsr_jax.parallel.rules import Rules, param_shardings
-from xlsr_jax.train.checkpoint import Checkpointer
+from xlsr_jax.train.checkpoint import Checkpointer, is_local
 from xlsr_jax.train.metrics import MetricsWriter, device_peak_flops, train_flops_per_step
 from xlsr_jax.train.program import build_program
 from xlsr_jax.train.state import create_train_state
@@ -106,8 +107,12 @@ def model_config_from(config: ml_collections.ConfigDict):
     return get_preset(config.model.preset, **dict(config.model.get("overrides", {})))
 
 
-def resolve_data_dir(data_dir: str, workdir: pathlib.Path) -> pathlib.Path:
-    """The prepared data directory; "embedded" prepares the bundled corpus into WORKDIR/data once."""
+def resolve_data_dir(data_dir: str, workdir: epath.Path) -> pathlib.Path:
+    """The prepared data directory; "embedded" prepares the bundled corpus into WORKDIR/data once.
+
+    Data is read from local paths (or a bucket mounted with gcsfuse). With a workdir in a bucket,
+    "embedded" is prepared by every host into a local cache instead.
+    """
     if not data_dir:
         raise ConfigError("config.data.dir is empty: point it at a directory made by `xlsr-jax prepare`")
     if data_dir != "embedded":
@@ -118,9 +123,14 @@ def resolve_data_dir(data_dir: str, workdir: pathlib.Path) -> pathlib.Path:
     from data_pipelines.corpus import corpus_dir
     from data_pipelines.ingest.prepare import prepare
 
-    target = workdir / "data"
-    if jax.process_index() == 0 and not (target / "dataset.json").is_file():
-        prepare(corpus_dir(), target, workers=0, progress=False)
+    if is_local(workdir):
+        target = pathlib.Path(workdir) / "data"
+        if jax.process_index() == 0 and not (target / "dataset.json").is_file():
+            prepare(corpus_dir(), target, workers=0, progress=False)
+    else:
+        target = pathlib.Path.home() / ".cache" / "xlsr_jax" / "embedded-data"
+        if not (target / "dataset.json").is_file():
+            prepare(corpus_dir(), target, workers=0, progress=False)
     multihost_utils.sync_global_devices("xlsr_jax_embedded_data")
     return target
 
@@ -140,9 +150,9 @@ def pipeline_config(config: ml_collections.ConfigDict, per_host_batch: int, spli
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> RunResult:
-    """Train (or resume) the run described by `config` in `workdir`."""
-    workdir = pathlib.Path(workdir)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path | epath.Path) -> RunResult:
+    """Train (or resume) the run described by `config` in `workdir` (a local path or e.g. gs://bucket/run)."""
+    workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model_config = model_config_from(config)
     mesh = build_mesh(resolve_mesh_config(config.mesh_preset, config.mesh))
@@ -164,7 +174,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     best = config.train.get("best_metric", "")  # e.g. "loss" of the eval split: also keep the best step
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
                                 best_metric=best or None, best_mode="min",
-                                async_save=config.train.get("async_checkpointing", True))
+                                async_save=config.train.get("async_checkpointing", True),
+                                use_ocdbt=config.train.get("checkpoint_ocdbt", True))
     if checkpointer.latest_step() is not None:
         step, state = checkpointer.restore(program.abstract_state_with_shardings(), train_iter)
         print(f"resumed from step {step} in {checkpointer.directory}", flush=True)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Mapping
 
 import jax
+from etils import epath
 
 from xlsr_jax.config import Wav2Vec2Config
 
@@ -68,17 +69,24 @@ class MetricsWriter:
     """Writes every logged step to `workdir/metrics.jsonl` and TensorBoard; prints a progress line."""
 
     def __init__(self, workdir: str | pathlib.Path, total_steps: int, enabled: bool = True):
+        """`workdir`: local, or a bucket path (gs://...), where metrics.jsonl is rewritten at each write
+        (object stores cannot append) and TensorBoard events go through google-cloud-storage."""
         self.enabled = enabled
         self.total_steps = total_steps
         self._tb = None
         self._file = None
+        self._remote_lines: list[str] | None = None
         self._start_time = time.time()
         self._start_step: int | None = None
         if not enabled:
             return
-        workdir = pathlib.Path(workdir)
+        workdir = epath.Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        self._file = open(workdir / "metrics.jsonl", "a", buffering=1)
+        self._path = workdir / "metrics.jsonl"
+        if "://" in str(workdir):
+            self._remote_lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
+        else:
+            self._file = open(self._path, "a", buffering=1)
         try:
             from tensorboardX import SummaryWriter
 
@@ -91,7 +99,11 @@ class MetricsWriter:
             return
         row = {"step": int(step), "split": prefix, "time": round(time.time(), 3)}
         row.update({k: _py(v) for k, v in metrics.items()})
-        self._file.write(json.dumps(row) + "\n")
+        if self._remote_lines is not None:
+            self._remote_lines.append(json.dumps(row) + "\n")
+            self._path.write_text("".join(self._remote_lines))
+        else:
+            self._file.write(json.dumps(row) + "\n")
         if self._tb is not None:
             for key, value in row.items():
                 if key not in ("step", "split", "time") and isinstance(value, (int, float)) and math.isfinite(value):

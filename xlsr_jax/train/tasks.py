@@ -10,6 +10,7 @@ import pathlib
 
 import jax
 import ml_collections
+from etils import epath
 
 from data_pipelines.records import DatasetIndex, decode_metadata
 from data_pipelines.targets import CtcTargets, PretrainTargets
@@ -45,7 +46,7 @@ def ctc_vocabulary(config: ml_collections.ConfigDict, data_dir: pathlib.Path, wo
 
     if config.data.get("vocab"):
         return Vocabulary.load(config.data.vocab)
-    path = workdir / "vocab.json"
+    path = epath.Path(workdir) / "vocab.json"
     if jax.process_index() == 0 and not path.is_file():
         texts = split_texts(data_dir, config.data.train_split)
         if not any(t.strip() for t in texts):
@@ -73,7 +74,7 @@ def make_task(config: ml_collections.ConfigDict, model_config: Wav2Vec2Config, d
         vocab = vocab if vocab is not None else ctc_vocabulary(config, data_dir, workdir)
         model_config = model_config.replace(vocab_size=len(vocab), pad_token_id=0)
         keys = ("input_values", "attention_mask", "labels") + (("mask_time_indices",) if d.mask_prob > 0 else ())
-        vocab_file = pathlib.Path(d.vocab) if d.get("vocab") or workdir is None else workdir / "vocab.json"
+        vocab_file = epath.Path(d.vocab) if d.get("vocab") or workdir is None else epath.Path(workdir) / "vocab.json"
         return Task(
             model_config, CtcObjective(zero_infinity=True),
             CtcTargets(vocab, lowercase=d.get("lowercase", False), model=model_config, mask_prob=d.mask_prob,
