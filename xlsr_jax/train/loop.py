@@ -128,7 +128,8 @@ def resolve_data_dir(data_dir: str, workdir: epath.Path) -> pathlib.Path:
         if jax.process_index() == 0 and not (target / "dataset.json").is_file():
             prepare(corpus_dir(), target, workers=0, progress=False)
     else:
-        target = pathlib.Path.home() / ".cache" / "xlsr_jax" / "embedded-data"
+        # One copy per process: several processes of one machine must not prepare into one directory.
+        target = pathlib.Path.home() / ".cache" / "xlsr_jax" / f"embedded-data-p{jax.process_index()}"
         if not (target / "dataset.json").is_file():
             prepare(corpus_dir(), target, workers=0, progress=False)
     multihost_utils.sync_global_devices("xlsr_jax_embedded_data")
