@@ -135,7 +135,8 @@ def test_feature_grad_mult_scales_only_the_conv_encoder(mult):
     got = jax.jit(jax.grad(_ctc_loss_fn(config.replace(feature_grad_mult=mult), audio, mask)))(params)
     conv_ref, conv = ref["wav2vec2"]["feature_extractor"], got["wav2vec2"]["feature_extractor"]
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, mult * b, atol=1e-7, rtol=1e-4), conv, conv_ref)
-    np.testing.assert_array_equal(got["lm_head"]["kernel"], ref["lm_head"]["kernel"])
+    # Unchanged up to float reassociation (XLA fuses the program differently once the conv gradient is scaled).
+    np.testing.assert_allclose(got["lm_head"]["kernel"], ref["lm_head"]["kernel"], rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(conv_ref["conv_layers_0"]["kernel"]).max()) > 0
 
 
