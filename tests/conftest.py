@@ -8,11 +8,10 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tpu extra (AOT compiles for TPU topologies) is installed in CI: keep libtpu from probing cloud
-# metadata and printing start-up errors in every process (subprocesses inherit these).
-for _key, _value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                     ("TPU_ACCELERATOR_TYPE", "v5p-16"), ("TF_CPP_MIN_LOG_LEVEL", "3"),
-                     ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
-    os.environ.setdefault(_key, _value)
+# metadata and printing start-up errors in every process (subprocesses inherit the variables).
+from xlsr_jax.parallel.topology import quiet_libtpu  # noqa: E402  (sets variables only; no backend starts)
+
+quiet_libtpu()
 # Keep torch from oversubscribing the 2 CI cores while JAX runs beside it.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

@@ -1,9 +1,9 @@
-"""A training process for the multi-process tests (not collected by pytest: no test_ prefix).
+"""A training process for the SIGTERM test (not collected by pytest: no test_ prefix).
 
-    python tests/train_worker.py WORKDIR DATA_DIR STEPS [PROCESS_ID NUM_PROCESSES PORT]
+    python tests/train_worker.py WORKDIR DATA_DIR STEPS
 
-With a process id it joins a `jax.distributed` run on 127.0.0.1 with 4 CPU devices per process;
-without, it runs alone on 8. Process 0 writes the final parameters to WORKDIR/params.npz.
+Runs alone on 8 CPU devices and writes the final parameters to WORKDIR/params.npz.
+(Multi-process runs start through the command line: tests/test_multihost_cli.py.)
 """
 
 import os
@@ -16,13 +16,7 @@ def main(argv):
     workdir, data_dir, steps = argv[0], argv[1], int(argv[2])
     import jax
 
-    if len(argv) > 3:
-        process_id, num_processes, port = int(argv[3]), int(argv[4]), int(argv[5])
-        jax.config.update("jax_num_cpu_devices", 8 // num_processes)
-        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
-                                   process_id=process_id)
-    else:
-        jax.config.update("jax_num_cpu_devices", 8)
+    jax.config.update("jax_num_cpu_devices", 8)
     import numpy as np
 
     from xlsr_jax.experiment import load_experiment

@@ -181,7 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         step, state = checkpointer.restore(program.abstract_state_with_shardings(), train_iter)
         print(f"resumed from step {step} in {checkpointer.directory}", flush=True)
     else:
-        state, _ = create_train_state(program.model, program.optimizer, mesh, program.rules, seed=config.train.seed)
+        state, _ = create_train_state(program.model, program.optimizer, mesh, program.rules, seed=config.train.seed,
+                                      shardings=program.state_shardings)
         if config.model.get("init_from"):
             state = init_encoder_from(state, program.state_shardings, config.model.init_from, mesh, program.rules)
         step = 0

@@ -52,9 +52,13 @@ def state_shardings(model, optimizer, mesh, rules: Rules = DEFAULT_RULES, seed: 
 
 
 def create_train_state(model, optimizer, mesh, rules: Rules = DEFAULT_RULES, seed: int = 0,
-                       sample_shape=(1, 16000)) -> tuple[TrainState, TrainState]:
-    """(state, shardings): params and optimizer state initialized already sharded over `mesh`."""
-    _, shardings = state_shardings(model, optimizer, mesh, rules, seed, sample_shape)
+                       sample_shape=(1, 16000), shardings=None) -> tuple[TrainState, TrainState]:
+    """(state, shardings): params and optimizer state initialized already sharded over `mesh`.
+
+    `shardings`: the state's NamedSharding tree when the caller has it (saves a second `eval_shape`).
+    """
+    if shardings is None:
+        _, shardings = state_shardings(model, optimizer, mesh, rules, seed, sample_shape)
     init = _init_fn(model, optimizer, sample_shape, seed)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         state = jax.jit(lambda: nn.meta.unbox(init()), out_shardings=shardings)()
