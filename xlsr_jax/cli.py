@@ -41,6 +41,32 @@ def _cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_transcribe(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from xlsr_jax.inference import Predictor, predict_files
+
+    given = {"chunk_seconds": args.chunk_seconds, "overlap_seconds": args.overlap_seconds,
+             "batch_size": args.batch_size}
+    given = {k: v for k, v in given.items() if v is not None}
+    predictor = Predictor.load(args.model, dtype=args.dtype, **given)
+    failed = []
+    for result in predict_files(predictor, args.audio, progress=not args.quiet):
+        # tqdm.write keeps these lines clear of the progress bar on stderr.
+        if result.error is not None:
+            failed.append(str(result.path))
+            tqdm.write(f"xlsr-jax transcribe: error: {result.error}", file=sys.stderr)
+        elif result.text is not None:
+            tqdm.write(f"{result.path}\t{result.text}", file=sys.stdout)
+        else:
+            tqdm.write(f"{result.path}\t{result.label}\t{result.probability:.4f}", file=sys.stdout)
+    if failed:
+        print(f"xlsr-jax transcribe: {len(failed)} of {len(args.audio)} file(s) failed: {', '.join(failed)}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_init(args: argparse.Namespace) -> int:
     from xlsr_jax.config import get_preset
     from xlsr_jax.model_dir import save_model_dir
@@ -221,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     conv = sub.add_parser("convert", help="convert checkpoints between Hugging Face, fairseq and xlsr-jax")
     conv.add_argument("direction", choices=["hf-to-jax", "jax-to-hf", "fairseq-to-jax"])
-    conv.add_argument("--input", required=True, help="HF directory, xlsr-jax model directory or fairseq .pt")
+    conv.add_argument("--input", required=True,
+                      help="hf-to-jax: HF directory or Hub id ORG/NAME[@REVISION] (from the local HF cache, "
+                           "downloaded unless HF_HUB_OFFLINE=1); jax-to-hf: xlsr-jax model directory; "
+                           "fairseq-to-jax: fairseq .pt")
     conv.add_argument("--output", required=True, help="output directory (must be new or empty)")
     conv.add_argument("--head", choices=HEADS, help="hf-to-jax: override the head read from config.json")
     conv.add_argument("--legacy-weight-norm", action="store_true",
@@ -240,6 +269,25 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--batch-size", type=int, default=8)
     emb.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype override")
     emb.set_defaults(func=_cmd_embed)
+
+    tr = sub.add_parser("transcribe", help="print PATH<TAB>TEXT (CTC model) or PATH<TAB>LABEL<TAB>PROBABILITY "
+                                           "(classification model) per audio file, any length",
+                        description="Long files run as overlapping windows whose kept frames are stitched "
+                                    "together. Exit status 1 when some files could not be read (the others "
+                                    "are still printed), 2 when nothing could run.")
+    tr.add_argument("audio", nargs="+", help="audio files (wav/flac/ogg/mp3, any rate, any channels)")
+    tr.add_argument("--model", required=True, help="xlsr-jax model directory (ctc or sequence_classification head)")
+    # Defaults live in xlsr_jax.inference; importing it here would load JAX for every command.
+    tr.add_argument("--chunk-seconds", type=float,
+                    help="window length for long files (default: inference.DEFAULT_CHUNK_SECONDS)")
+    tr.add_argument("--overlap-seconds", type=float,
+                    help="context on each side of a window that is run but not kept "
+                         "(default: inference.DEFAULT_OVERLAP_SECONDS)")
+    tr.add_argument("--batch-size", type=int,
+                    help="windows per forward pass (default: inference.DEFAULT_BATCH_SIZE)")
+    tr.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype override")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_cmd_transcribe)
 
     init = sub.add_parser("init", help="write a randomly initialized model directory")
     init.add_argument("--preset", choices=sorted(PRESETS), default="tiny")

@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 # Padded lengths are rounded up to whole seconds so a folder of varied clips compiles a handful
 # of programs, not one per file.
-_BUCKET_SAMPLES = SAMPLE_RATE
+BUCKET_SAMPLES = SAMPLE_RATE
 
 
 @dataclasses.dataclass
@@ -89,7 +89,7 @@ def embed_files(
     # so padding changes their output: embed those one file at a time, unpadded.
     per_file = config.feat_extract_norm == "group"
     step = 1 if per_file else max(1, batch_size)
-    order = sorted(range(len(paths)), key=lambda i: _num_samples(paths[i]))  # similar lengths together
+    order = sorted(range(len(paths)), key=lambda i: num_samples(paths[i]))  # similar lengths together
     outputs: list[pathlib.Path | None] = [None] * len(paths)
     shapes: list[tuple[int, int] | None] = [None] * len(paths)
     total_seconds = 0.0
@@ -100,7 +100,7 @@ def embed_files(
         waves = [load_audio(paths[i]) for i in idx]
         if config.do_normalize:
             waves = [normalize(w) for w in waves]
-        multiple = None if per_file else _BUCKET_SAMPLES
+        multiple = None if per_file else BUCKET_SAMPLES
         audio, mask = pad_batch(waves, pad_to_multiple_of=multiple)
         hidden = np.asarray(run(jnp.asarray(audio), jnp.asarray(mask)))
         for row, i in enumerate(idx):
@@ -117,7 +117,8 @@ def embed_files(
     return EmbedReport(outputs=outputs, audio_seconds=total_seconds, wall_seconds=wall, shapes=shapes)
 
 
-def _num_samples(path: pathlib.Path) -> int:
+def num_samples(path: pathlib.Path) -> int:
+    """Samples the file will have at 16 kHz, from its header (0 when unreadable: loading reports why)."""
     import soundfile
 
     try:
