@@ -30,7 +30,7 @@ import soundfile
 from data_pipelines import synthetic
 from data_pipelines.pipeline import PipelineConfig, make_dataset
 from data_pipelines.sources import PreparedSource
-from data_pipelines.targets import PretrainTargets
+from xlsr_jax.tasks.pretraining import PretrainTargets
 from xlsr_jax.config import Wav2Vec2Config
 
 

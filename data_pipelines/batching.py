@@ -141,3 +141,39 @@ class BatchPlan:
         offsets = batches[j]
         positions = k * self.window_batches * self.global_batch + offsets
         return positions, recs[offsets], int(self.buckets[batch_buckets[j]])
+
+
+class EvalPlan:
+    """Every record once, in length order, cut into global batches: batch i -> (positions, records, padded length).
+
+    Sorting by length keeps padding small; each batch is padded to the smallest bucket that holds
+    its longest record. The last batch is completed with copies of its first record, which
+    `valid(i)` marks False so that no score counts them twice.
+    """
+
+    def __init__(self, lengths: np.ndarray, buckets: np.ndarray, global_batch: int):
+        if global_batch < 1:
+            raise ValueError(f"global batch must be >= 1, got {global_batch}")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.buckets = np.asarray(buckets, dtype=np.int64)
+        self.global_batch = global_batch
+        self.order = np.argsort(self.lengths, kind="stable")
+        self.num_records = len(self.order)
+        self.num_batches = -(-self.num_records // global_batch)
+
+    def _slots(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.num_batches:
+            raise IndexError(f"batch {index} outside [0, {self.num_batches})")
+        slots = np.arange(index * self.global_batch, (index + 1) * self.global_batch)
+        return np.where(slots < self.num_records, slots, index * self.global_batch)
+
+    def batch(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """(positions in length order [G], record indices [G], padded length) of global batch `index`."""
+        slots = self._slots(index)
+        recs = self.order[slots]
+        longest = int(self.lengths[recs].max())
+        return slots, recs, int(self.buckets[assign_buckets(np.asarray([longest]), self.buckets)[0]])
+
+    def valid(self, index: int) -> np.ndarray:
+        """[G] bool: False on the rows that repeat a record to fill the last batch."""
+        return np.arange(index * self.global_batch, (index + 1) * self.global_batch) < self.num_records

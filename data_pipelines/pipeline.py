@@ -15,10 +15,13 @@ worker and resume is exact):
    records longer than `max_sample_size` (offset seeded by (seed, stream position): a record gets
    a new crop each epoch, the same one on resume), normalizes each utterance when asked, and
    right-pads to the bucket length with an `attention_mask`.
-3. A task target (`targets.py`) as a grain `random_map`: masks and negatives, labels, or
-   language ids, seeded by (seed, shard, batch index).
+3. A task's target (see `Targets`; the tasks live in `xlsr_jax.tasks`) as a grain `random_map`:
+   masks and negatives, labels, or language ids, seeded by (seed, shard, batch index).
 4. `to_iter_dataset` with reader threads, then `mp_prefetch` worker processes when
    `worker_count > 0`.
+
+`eval_dataset` reads every record of a split exactly once (no cropping, no filtering by length),
+for evaluation that scores a whole split.
 
 Checkpointing: `it.get_state()` / `it.set_state(state)`, or with Orbax
 `ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it))` and `CheckpointRestore(it)`.
@@ -29,14 +32,31 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from typing import Protocol
 
 import grain
 import numpy as np
 
 from data_pipelines import audio, sampling
-from data_pipelines.batching import BatchPlan, bucket_lengths
+from data_pipelines.batching import BatchPlan, EvalPlan, bucket_lengths
 from data_pipelines.sources import AudioSource, PreparedSource
-from data_pipelines.targets import Targets
+
+
+class Targets(Protocol):
+    """A task's batch completion: raw padded batch -> the arrays its train step consumes.
+
+    The raw batch holds `input_values` [B, L] float32, `attention_mask` [B, L] int32, `lengths` [B]
+    samples, `texts` (list of str), `language_id` [B] int32 and `positions` [B] (global stream
+    positions, to seed per-row randomness).
+    """
+
+    crop: bool  # True: records longer than max_sample_size are cropped; False: dropped
+
+    def check(self, min_sample_size: int) -> None:
+        """Raise ValueError if the shortest record kept cannot be used."""
+        ...
+
+    def __call__(self, raw: dict, rng: np.random.Generator) -> dict: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,3 +237,52 @@ def prepared_dataset(
     return make_dataset(
         PreparedSource(data_dir, split), config, targets, shard_index=shard_index, shard_count=shard_count
     )
+
+
+class _MarkValid:
+    """Adds `valid` [B] bool: False on the rows that only pad a split's last global batch."""
+
+    def __init__(self, plan: EvalPlan, shard_index: int, batch_size: int):
+        self.plan, self.rows = plan, slice(shard_index * batch_size, (shard_index + 1) * batch_size)
+
+    def __call__(self, index: int, batch: dict) -> dict:
+        return {**batch, "valid": self.plan.valid(int(index))[self.rows]}
+
+
+def eval_dataset(
+    source: AudioSource,
+    config: PipelineConfig,
+    targets: Targets,
+    *,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.IterDataset:
+    """Every record of `source` once, in length order, for host `shard_index`; batches carry `valid`.
+
+    Records are neither cropped nor dropped (a score over a split must see all of it); padded
+    lengths come from `num_buckets` buckets over the split's lengths, so a handful of programs
+    compile. The last global batch is filled with copies of its first row marked `valid=False`.
+    Every host gets the same number of batches.
+    """
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+    lengths = np.asarray(source.lengths, np.int64)
+    if len(lengths) == 0:
+        raise ValueError("the evaluation split has no records")
+    buckets = bucket_lengths(lengths, config.num_buckets, config.pad_multiple)
+    plan = EvalPlan(lengths, buckets, config.batch_size * shard_count)
+    whole = dataclasses.replace(config, max_sample_size=int(lengths.max()), min_sample_size=1)
+    ds = grain.MapDataset.range(plan.num_batches).map(_ReadBatch(source, plan, whole, shard_index))
+    ds = ds.random_map(targets, seed=sampling.derived_seed(config.seed, 3, shard_index))
+    ds = ds.map_with_index(_MarkValid(plan, shard_index, config.batch_size))
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
+                                                prefetch_buffer_size=config.prefetch_batches))
+
+
+def prepared_eval_dataset(data_dir: str | pathlib.Path, split: str, config: PipelineConfig,
+                          targets: Targets) -> grain.IterDataset:
+    """`eval_dataset` over a prepared directory for this JAX process."""
+    import jax
+
+    return eval_dataset(PreparedSource(data_dir, split), config, targets, shard_index=jax.process_index(),
+                        shard_count=jax.process_count())

@@ -25,8 +25,10 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.model.overrides = ml_collections.ConfigDict({
         "dtype": "bfloat16", "remat_policy": "dots", "scan_layers": True,
         "hidden_dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.1, "feat_proj_dropout": 0.0,
-        "final_dropout": 0.0, "layerdrop": 0.1, "mask_time_prob": 0.75, "mask_time_length": 10,
-        "mask_time_min_masks": 2, "feature_grad_mult": 0.0,  # the conv encoder stays frozen
+        "final_dropout": 0.0, "layerdrop": 0.1, "feature_grad_mult": 0.0,  # the conv encoder stays frozen
+        # SpecAugment, drawn by the input pipeline from these fields (fairseq mask_prob / mask_channel_*):
+        "mask_time_prob": 0.75, "mask_time_length": 10, "mask_time_min_masks": 2,
+        "mask_feature_prob": 0.25, "mask_feature_length": 64, "mask_feature_min_masks": 0,
     })
 
     c.data = ml_collections.ConfigDict()
@@ -40,7 +42,6 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.data.min_sample_size = 16_000
     c.data.num_buckets = 4
     c.data.normalize = True
-    c.data.mask_prob = 0.75  # SpecAugment time masks, made in the input pipeline
     c.data.language_alpha = None
     c.data.worker_count = 4
     c.data.seed = 0
@@ -57,30 +58,31 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.optim.freeze_feature_encoder = True
     c.optim.freeze_encoder_steps = 10_000  # only lm_head trains first (fairseq freeze_finetune_updates)
 
-    c.objective = ml_collections.ConfigDict()  # CTC has no knobs beyond zero_infinity (always on)
+    c.objective = ml_collections.ConfigDict()
+    c.objective.sentence_avg = False  # fairseq's default: gradients per target token, not per utterance
 
     c.train = train_section(steps=20_000, eval_every=1_000, checkpoint_every=1_000)
+    c.train.eval_batches = 0  # the whole eval split: WER/CER over every utterance; the best checkpoint by WER
 
     c.mesh_preset = "gpu-1x8"
     c.mesh = mesh_section()
     c.sharding = sharding_section()  # logical axis rules (parallel/rules.py defaults)
     if smoke:
         c.model.overrides.update({"dtype": "float32", "remat_policy": "none", "layerdrop": 0.0,
-                                  "mask_time_length": 5, "feature_grad_mult": 1.0})
+                                  "mask_time_prob": 0.3, "mask_time_length": 5, "mask_feature_prob": 0.1,
+                                  "mask_feature_length": 4, "feature_grad_mult": 1.0})
         c.data.dir = "embedded"
         c.data.global_batch_size = 8
         c.data.max_sample_size = 96_000
         c.data.min_sample_size = 8_000
         c.data.num_buckets = 1
         c.data.worker_count = 0
-        c.data.mask_prob = 0.3
         c.optim.total_steps = 30
         c.optim.freeze_feature_encoder = False
         c.optim.freeze_encoder_steps = 5
         c.train.steps = 30
         c.train.log_every = 5
         c.train.eval_every = 15
-        c.train.eval_batches = 2
         c.train.checkpoint_every = 15
         c.mesh_preset = "cpu"
     return c

@@ -6,9 +6,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from data_pipelines import synthetic
-from data_pipelines.global_batch import batch_shardings, to_global_batch
+from xlsr_jax.parallel.global_batch import batch_shardings, to_global_batch
 from data_pipelines.pipeline import PipelineConfig, prepared_dataset
-from data_pipelines.targets import LanguageTargets, PretrainTargets
+from xlsr_jax.tasks.classification import LanguageTargets
+from xlsr_jax.tasks.pretraining import PretrainTargets
 from xlsr_jax.config import Wav2Vec2Config
 
 
@@ -68,9 +69,9 @@ port, pid, data_dir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=pid)
 import numpy as np
 from jax.experimental import multihost_utils
-from data_pipelines.global_batch import to_global_batch
+from xlsr_jax.parallel.global_batch import to_global_batch
 from data_pipelines.pipeline import PipelineConfig, prepared_dataset
-from data_pipelines.targets import LanguageTargets
+from xlsr_jax.tasks.classification import LanguageTargets
 config = PipelineConfig(batch_size=4, min_sample_size=1600, max_sample_size=16000, read_threads=0)
 it = iter(prepared_dataset(data_dir, "train", config, LanguageTargets()))  # shard = this JAX process
 mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "tensor"))

@@ -14,7 +14,9 @@ from data_pipelines.pipeline import (
     prepared_dataset,
 )
 from data_pipelines.sources import PreparedSource
-from data_pipelines.targets import CtcTargets, LanguageTargets, PretrainTargets
+from xlsr_jax.tasks.ctc import CtcTargets
+from xlsr_jax.tasks.classification import LanguageTargets
+from xlsr_jax.tasks.pretraining import PretrainTargets
 from data_pipelines.vocab import LABEL_PAD, Vocabulary
 from xlsr_jax.config import Wav2Vec2Config
 
@@ -254,7 +256,8 @@ def test_ctc_labels_and_long_records_dropped(data_dir):
     assert len(expected) < NUM_UTTS  # some records are too long for CTC and were not cropped
     assert len(seen) == len(expected) // 4 * 4 and set(seen) <= set(expected.tolist())
     for b in batches:
-        assert b.keys() == {"input_values", "attention_mask", "labels", "label_lengths", "lengths"}
+        assert b.keys() == {"input_values", "attention_mask", "labels", "label_lengths", "lengths", "texts",
+                            "language_id"}
         assert b["labels"].shape == (4, b["input_values"].shape[1] // 320)
         for row, rec in enumerate(_markers(b)):
             n = b["label_lengths"][row]

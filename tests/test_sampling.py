@@ -11,7 +11,7 @@ from data_pipelines.sampling import (
     mixed_stream,
     shuffled_stream,
 )
-from data_pipelines.targets import LanguageTargets
+from xlsr_jax.tasks.classification import LanguageTargets
 
 
 def test_language_weights_follow_the_temperature_rule():

@@ -8,7 +8,8 @@ import pytest
 from data_pipelines import records, synthetic
 from data_pipelines.pipeline import PipelineConfig, make_dataset
 from data_pipelines.sources import PreparedSource
-from data_pipelines.targets import CtcTargets, PretrainTargets
+from xlsr_jax.tasks.ctc import CtcTargets
+from xlsr_jax.tasks.pretraining import PretrainTargets
 from data_pipelines.tfds_builder import TfdsAudioSource
 from data_pipelines.vocab import Vocabulary
 from xlsr_jax.config import Wav2Vec2Config

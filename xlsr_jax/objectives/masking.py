@@ -84,3 +84,23 @@ def sample_negatives(mask: np.ndarray, num_negatives: int, rng: np.random.Genera
 def expected_masked_fraction(mask_prob: float, mask_length: int) -> float:
     """Fraction of frames a long utterance has masked when spans overlap freely."""
     return 1.0 - (1.0 - mask_prob / mask_length) ** mask_length
+
+
+def row_span_masks(num_frames: int, frame_lengths: np.ndarray, mask_prob: float, mask_length: int,
+                   min_masks: int, rngs: Sequence[np.random.Generator]) -> np.ndarray:
+    """[B, num_frames] span masks drawn row by row, row r from `rngs[r]` (one utterance each).
+
+    Per-row generators seeded by a record's global stream position make a row's mask independent
+    of which host reads it and of the host count; equal mask counts across rows (fairseq's
+    require_same_masks) are unnecessary because the losses take a [B, T] mask.
+    """
+    return np.stack([compute_span_mask(num_frames, [length], mask_prob, mask_length, rng, min_masks=min_masks)[0]
+                     for length, rng in zip(frame_lengths, rngs)])
+
+
+def row_generators(seed: int, salt: int, positions: np.ndarray | None, count: int,
+                   fallback: np.random.Generator) -> list[np.random.Generator]:
+    """One generator per row from (seed, salt, stream position); `fallback` for every row without positions."""
+    if positions is None:
+        return [fallback] * count
+    return [np.random.default_rng([seed, salt, int(p)]) for p in positions]

@@ -17,7 +17,8 @@ def train_section(steps: int, eval_every: int, checkpoint_every: int) -> ml_coll
         "eval_batches": 20,
         "checkpoint_every": checkpoint_every,
         "keep_checkpoints": 3,
-        "best_metric": "loss",  # eval-split metric; the best checkpoint is kept beside the last N
+        "best_metric": "",  # eval-split metric the best checkpoint (kept beside the last N) is chosen by; "": the task's
+        "best_mode": "min",  # for a best_metric given here: "min" or "max"
         "max_nonfinite_streak": 20,
         "async_checkpointing": True,
         "checkpoint_ocdbt": True,  # tensorstore's OCDBT layout; False: one file per chunk (see train/checkpoint.py)

@@ -8,6 +8,7 @@ import ml_collections
 from etils import epath
 
 from xlsr_jax.model_dir import save_model_dir
+from xlsr_jax.tasks import exported_model
 from xlsr_jax.train.checkpoint import Checkpointer
 
 
@@ -26,11 +27,6 @@ def export_checkpoint(workdir: str | pathlib.Path, output: str | pathlib.Path, s
     # Checkpoints hold float32 params; the exported config keeps the run's numerics (dtype, remat).
     params = checkpointer.read_state(step)["params"]
     checkpointer.close()
-    model_config, extra = model_config_from(config), []
-    if config.head == "ctc":  # the vocabulary the run trained with sets the output size
-        from data_pipelines.vocab import Vocabulary
-
-        vocab_file = epath.Path(config.data.vocab) if config.data.get("vocab") else epath.Path(workdir) / "vocab.json"
-        model_config = model_config.replace(vocab_size=len(Vocabulary.load(vocab_file)), pad_token_id=0)
-        extra.append(vocab_file)
+    # The task's data-derived sizes (vocabulary, labels) and the files that travel with the model.
+    model_config, extra = exported_model(config, model_config_from(config), epath.Path(workdir))
     return save_model_dir(output, model_config, params, config.head, extra_files=extra)

@@ -20,14 +20,13 @@ import jax
 import ml_collections
 import numpy as np
 
-from data_pipelines.vocab import SPECIAL_TOKENS, Vocabulary
 from xlsr_jax.config import ConfigError, Wav2Vec2Config
 from xlsr_jax.parallel.hlo import CollectiveStats, collective_stats, count_sharding_annotations
 from xlsr_jax.parallel.mesh import build_mesh, check_mesh_covers, resolve_mesh_config
 from xlsr_jax.parallel.topology import Topology, topology_devices
 from xlsr_jax.train.metrics import device_peak_flops, train_flops_per_step
 from xlsr_jax.train.program import TrainProgram, abstract_batch, build_program
-from xlsr_jax.train.tasks import make_task
+from xlsr_jax.tasks import make_task
 
 log = logging.getLogger(__name__)
 
@@ -111,12 +110,6 @@ class FitReport:
         return out
 
 
-def placeholder_vocabulary(size: int = 32) -> Vocabulary:
-    """A stand-in CTC vocabulary of `size` tokens (a character vocabulary is ~30-60; the head is tiny)."""
-    chars = [chr(ord("a") + i % 26) * (1 + i // 26) for i in range(size - len(SPECIAL_TOKENS))]
-    return Vocabulary(list(SPECIAL_TOKENS) + chars)
-
-
 def fit_program(config: ml_collections.ConfigDict, devices: list) -> TrainProgram:
     """The train program of `config` on `devices` (abstract TPU devices or CPU devices); no data is read."""
     from xlsr_jax.train.loop import model_config_from
@@ -124,10 +117,7 @@ def fit_program(config: ml_collections.ConfigDict, devices: list) -> TrainProgra
     model_config = model_config_from(config)
     mesh_config = resolve_mesh_config(config.mesh_preset, config.mesh)
     mesh = build_mesh(mesh_config, devices)
-    vocab = None
-    if config.head == "ctc" and not config.data.get("vocab"):
-        vocab = placeholder_vocabulary()
-    task = make_task(config, model_config, None, None, vocab=vocab)
+    task = make_task(config, model_config, None, None)  # no data: stand-in vocabulary / label count
     return build_program(config, mesh, task)
 
 

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from data_pipelines.global_batch import to_global_batch
+from xlsr_jax.parallel.global_batch import to_global_batch
 from data_pipelines.pipeline import PipelineConfig, prepared_dataset
 from data_pipelines.records import DatasetIndex
 from xlsr_jax.config import ConfigError, get_preset
@@ -31,7 +31,8 @@ from xlsr_jax.train.checkpoint import Checkpointer, is_local
 from xlsr_jax.train.metrics import MetricsWriter, device_peak_flops, train_flops_per_step
 from xlsr_jax.train.program import build_program
 from xlsr_jax.train.state import create_train_state
-from xlsr_jax.train.tasks import make_task
+from xlsr_jax.tasks import make_task
+from xlsr_jax.train.evaluation import evaluate_split
 
 log = logging.getLogger(__name__)
 
@@ -172,9 +173,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     train_iter = iter(prepared_dataset(data_dir, config.data.train_split, pipeline_config(config, per_host),
                                        task.train_targets))
-    best = config.train.get("best_metric", "")  # e.g. "loss" of the eval split: also keep the best step
+    best, best_mode = best_metric(config, task)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
-                                best_metric=best or None, best_mode="min",
+                                best_metric=best or None, best_mode=best_mode,
                                 async_save=config.train.get("async_checkpointing", True),
                                 use_ocdbt=config.train.get("checkpoint_ocdbt", True))
     if checkpointer.latest_step() is not None:
@@ -203,7 +204,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             audio_since_log += float(np.sum(host_batch["lengths"])) * jax.process_count() / 16000.0
             flops_since_log += train_flops_per_step(model_config, program.num_params, global_batch,
                                                     host_batch["input_values"].shape[1])
-            batch = to_global_batch({k: host_batch[k] for k in task.step_keys}, mesh, program.rules)
+            batch = to_global_batch({k: host_batch[k] for k in task.step_keys}, mesh, program.rules, task.batch_axes)
             state, metrics = program.train_step(state, batch)
             step += 1
             log_step = step % config.train.log_every == 0 or step == total
@@ -232,9 +233,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 writer.progress(step, m)
                 history.append({"step": step, **m})
             if config.train.eval_every and step % config.train.eval_every == 0:
-                eval_history.append({"step": step, **evaluate(config, data_dir, task, mesh, program.eval_step,
-                                                              state.params, per_host, program.rules)})
+                eval_history.append({"step": step, **evaluate(config, data_dir, program, state.params, per_host)})
                 writer.write(step, eval_history[-1], prefix="eval")
+                writer.eval_line(step, eval_history[-1])
             if preemption.should_stop(step, log_step or checkpoint_step):
                 preempted = True
                 _save_if_finite(checkpointer, step, state, train_iter, config_json, force=True)
@@ -242,7 +243,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             if checkpoint_step:
                 evaluated = eval_history[-1] if eval_history and eval_history[-1]["step"] == step else None
                 _save_if_finite(checkpointer, step, state, train_iter, config_json,
-                                metrics=evaluated if best and evaluated else None)
+                                metrics={best: evaluated[best]} if best and evaluated and best in evaluated else None)
     checkpointer.close()
     writer.close()
     return RunResult(step=step, preempted=preempted, history=history, eval_history=eval_history, state=state)
@@ -294,17 +295,36 @@ def _save_if_finite(checkpointer, step, state, data_iter, config_json, force=Fal
     checkpointer.save(step, state, data_iter, config_json, metrics=metrics, force=force)
 
 
-def evaluate(config, data_dir, task, mesh, jit_eval, params, per_host: int, rules: Rules) -> dict:
-    """Mean pretraining metrics over `config.train.eval_batches` batches of the held-out split."""
+def best_metric(config: ml_collections.ConfigDict, task) -> tuple[str, str]:
+    """(eval metric, "min" | "max") the best checkpoint is kept by: `train.best_metric` (with
+    `train.best_mode`), or the task's own (WER for CTC, accuracy for language ID) when it is ""."""
+    name = config.train.get("best_metric", "")
+    if not name:
+        return task.best_metric if config.train.eval_every else ("", "min")
+    mode = config.train.get("best_mode", "min")
+    if mode not in ("min", "max"):
+        raise ConfigError(f"train.best_mode must be 'min' or 'max', got {mode!r}")
+    return name, mode
+
+
+def evaluate(config, data_dir, program, params, per_host: int) -> dict:
+    """Eval-split metrics: the task's full-split evaluation, or the mean of the objective's metrics
+    over `config.train.eval_batches` batches (tasks without one, e.g. pretraining)."""
     if not config.data.eval_split:
         return {}
+    task, mesh, rules = program.task, program.mesh, program.rules
+    if program.predict_step is not None:
+        metrics, _, _ = evaluate_split(task, program.predict_step, params, data_dir, config.data.eval_split,
+                                       pipeline_config(config, per_host, 1000), mesh, rules,
+                                       max_batches=config.train.eval_batches)
+        return metrics
     ds = prepared_dataset(data_dir, config.data.eval_split, pipeline_config(config, per_host, 1000), task.eval_targets)
     it = iter(ds)
     sums: dict[str, float] = {}
     for _ in range(config.train.eval_batches):
-        batch = to_global_batch({k: v for k, v in next(it).items() if k in task.step_keys}, mesh, rules)
-        metrics = jax.device_get(jit_eval(params, batch))
+        batch = to_global_batch({k: v for k, v in next(it).items() if k in task.step_keys}, mesh, rules,
+                                task.batch_axes)
+        metrics = jax.device_get(program.eval_step(params, batch))
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     return {k: v / config.train.eval_batches for k, v in sums.items()}
-

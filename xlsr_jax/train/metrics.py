@@ -129,6 +129,18 @@ class MetricsWriter:
             print(line, flush=True)
         return line
 
+    def eval_line(self, step: int, metrics: Mapping[str, float]) -> str:
+        """A one-line evaluation summary (the headline metrics first, then per-language ones)."""
+        head = [k for k in ("loss", "wer", "cer", "blank_ratio", "accuracy", "code_perplexity") if k in metrics]
+        per_language = sorted(k for k in metrics if "/" in k and isinstance(metrics[k], (int, float)))
+        parts = [f"eval step {step}"] + [f"{k} {metrics[k]:.4g}" for k in head]
+        if per_language:
+            parts.append(" ".join(f"{k} {metrics[k]:.3g}" for k in per_language))
+        line = " | ".join(parts)
+        if self.enabled:
+            print(line, flush=True)
+        return line
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -1,12 +1,13 @@
 """Optimizer and learning-rate schedules (fairseq's polynomial decay and tri-stage, cosine).
 
 AdamW with decoupled weight decay masked off biases, norm scales and the weight-norm magnitude;
-global-norm clipping; parameters can be frozen (no update, no weight decay) until a step.
+global-norm clipping; the conv feature encoder can be frozen for good and the whole encoder until
+a step (no update, no weight decay, no moments advanced).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -76,44 +77,52 @@ def decay_mask(params) -> dict:
     return jax.tree_util.tree_map_with_path(lambda p, _: _path_names(p)[-1] not in _NO_DECAY_LEAVES, params)
 
 
-def subtree_mask(params, prefixes: tuple[tuple[str, ...], ...]) -> dict:
-    """True on leaves whose path starts with one of `prefixes` (e.g. ("wav2vec2", "feature_extractor"))."""
-    def hit(path, _):
+ENCODER = "wav2vec2"  # every head keeps the encoder under this name (models/heads.py)
+
+
+def param_groups(params, freeze_feature_encoder: bool, encoder_frozen_phase: bool) -> dict:
+    """Label per leaf: "frozen" (the conv feature encoder, when frozen), "encoder" (the rest of the
+    encoder, when it has a frozen phase) or "trainable"."""
+
+    def label(path, _):
         names = _path_names(path)
-        return any(names[: len(p)] == tuple(p) for p in prefixes)
+        if freeze_feature_encoder and names[:2] == (ENCODER, "feature_extractor"):
+            return "frozen"
+        if encoder_frozen_phase and names[:1] == (ENCODER,):
+            return "encoder"
+        return "trainable"
 
-    return jax.tree_util.tree_map_with_path(hit, params)
-
-
-def freeze(mask_fn: Callable, until_step: int | None = None) -> optax.GradientTransformation:
-    """Zero the updates of masked leaves (always, or while step < until_step).
-
-    Placed last in the chain, so frozen parameters get neither gradient steps nor weight decay.
-    """
-
-    def init(params):
-        del params
-        return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
-
-    def update(updates, state, params=None):
-        mask = mask_fn(updates)
-        active = jnp.asarray(True) if until_step is None else state.count < until_step
-        updates = jax.tree_util.tree_map(lambda u, m: jnp.where(m & active, jnp.zeros_like(u), u), updates, mask)
-        return updates, optax.ScaleByScheduleState(count=state.count + 1)
-
-    return optax.GradientTransformation(init, update)
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_optimizer(cfg: Mapping) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """(optimizer, schedule) from the `optim` config section."""
+    """(optimizer, schedule) from the `optim` config section.
+
+    `freeze_feature_encoder`: the conv feature encoder is never updated and has no Adam moments.
+    `freeze_encoder_steps` = N (fairseq's freeze_finetune_updates): the encoder's AdamW starts at
+    step N with fresh moments and its own bias correction, as fairseq's lazily created Adam state
+    does, on the global learning-rate schedule; before N its gradients are zero (the train step
+    computes none: `step.make_train_step(frozen_subtree=ENCODER, frozen_until=N)`) and its state
+    does not move. The optimizer reads the step from `update(..., global_step=state.step)`.
+    """
     schedule = make_schedule(cfg)
-    chain = []
-    if cfg.get("clip_norm"):
-        chain.append(optax.clip_by_global_norm(cfg["clip_norm"]))
-    chain.append(optax.adamw(schedule, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.98), eps=cfg.get("eps", 1e-6),
-                             weight_decay=cfg.get("weight_decay", 0.01), mask=decay_mask))
-    if cfg.get("freeze_feature_encoder"):
-        chain.append(freeze(lambda t: subtree_mask(t, (("wav2vec2", "feature_extractor"),))))
-    if cfg.get("freeze_encoder_steps", 0):
-        chain.append(freeze(lambda t: subtree_mask(t, (("wav2vec2",),)), until_step=cfg["freeze_encoder_steps"]))
-    return optax.chain(*chain), schedule
+
+    def adamw(lr):
+        return optax.adamw(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.98), eps=cfg.get("eps", 1e-6),
+                           weight_decay=cfg.get("weight_decay", 0.01), mask=decay_mask)
+
+    frozen_steps = int(cfg.get("freeze_encoder_steps", 0) or 0)
+    freeze_features = bool(cfg.get("freeze_feature_encoder", False))
+    if not frozen_steps and not freeze_features:
+        tx = adamw(schedule)
+    else:
+        transforms = {"trainable": adamw(schedule), "frozen": optax.set_to_zero()}
+        if frozen_steps:
+            # The inner AdamW counts only the updates it applies: its count 0 is global step N.
+            late = adamw(lambda count: schedule(count + frozen_steps))
+            transforms["encoder"] = optax.transforms.conditionally_mask(
+                late, lambda count, global_step: global_step >= frozen_steps, forward_extra_args=True)
+        tx = optax.multi_transform(
+            transforms, lambda params: param_groups(params, freeze_features, bool(frozen_steps)))
+    chain = [optax.clip_by_global_norm(cfg["clip_norm"])] if cfg.get("clip_norm") else []
+    return optax.chain(*chain, tx), schedule

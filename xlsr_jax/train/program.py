@@ -15,16 +15,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from data_pipelines.global_batch import BATCH_AXES
 from xlsr_jax.config import ConfigError, Wav2Vec2Config
 from xlsr_jax.models.heads import build_model, count_params
 from xlsr_jax.parallel.mesh import validate_for_model
 from xlsr_jax.parallel.rules import Rules, logical_sharding, rules_from_config
 from xlsr_jax.train.checkpoint import abstract_with_shardings
-from xlsr_jax.train.optim import make_optimizer
+from xlsr_jax.train.optim import ENCODER, make_optimizer
 from xlsr_jax.train.state import state_shardings
-from xlsr_jax.train.step import jit_train_step, make_eval_step, make_train_step
-from xlsr_jax.train.tasks import Task
+from xlsr_jax.train.step import jit_predict_step, jit_train_step, make_eval_step, make_predict_step, make_train_step
+from xlsr_jax.tasks import Task
 
 
 @dataclasses.dataclass
@@ -43,6 +42,7 @@ class TrainProgram:
     accum_steps: int
     train_step: object  # jitted (state, batch) -> (state, metrics)
     eval_step: object  # jitted (params, batch) -> metrics
+    predict_step: object | None  # jitted (params, batch) -> per-row outputs sharded like the batch (task.predict)
 
     def abstract_state_with_shardings(self):
         """The state as ShapeDtypeStructs carrying their shardings (restore targets, AOT lowering)."""
@@ -75,16 +75,24 @@ def build_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ta
     model = build_model(model_config, config.head)
     optimizer, schedule = make_optimizer(config.optim)
     abstract, shardings = state_shardings(model, optimizer, mesh, rules, seed=config.train.seed)
-    batch_shardings = {k: logical_sharding(BATCH_AXES[k], mesh, rules) for k in task.step_keys}
+    batch_shardings = {k: logical_sharding(axes, mesh, rules) for k, axes in task.batch_axes.items()}
+    frozen_until = int(config.optim.get("freeze_encoder_steps", 0) or 0)
     step = make_train_step(model, optimizer, schedule, task.objective, accum_steps=accum, mesh=mesh, rules=rules,
-                           param_shardings=shardings.params)
+                           param_shardings=shardings.params, sum_metrics=task.sum_metrics,
+                           frozen_subtree=ENCODER if frozen_until else "", frozen_until=frozen_until)
     eval_step = make_eval_step(model, task.objective, mesh=mesh, rules=rules)
+    predict_step = None
+    if task.predict is not None:
+        predict_step = jit_predict_step(make_predict_step(model, task.predict, mesh, rules), mesh, rules,
+                                        shardings.params, {k: logical_sharding(a, mesh, rules)
+                                                           for k, a in task.eval_axes.items()})
     return TrainProgram(
         model_config=model_config, model=model, task=task, mesh=mesh, rules=rules, optimizer=optimizer,
         schedule=schedule, abstract_state=abstract, state_shardings=shardings, batch_shardings=batch_shardings,
         num_params=count_params(abstract.params), accum_steps=accum,
         train_step=jit_train_step(step, shardings, batch_shardings),
         eval_step=jax.jit(eval_step),  # eval batches may lack training-only keys (e.g. SpecAugment masks)
+        predict_step=predict_step,
     )  # fmt: skip
 
 

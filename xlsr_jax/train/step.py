@@ -19,10 +19,6 @@ import optax
 from xlsr_jax.parallel.rules import DEFAULT_RULES, Rules, sharding_context
 from xlsr_jax.train.state import TrainState
 
-# Metrics that are counts: summed over micro-batches; everything else is averaged weighted by the
-# micro-batch's denominator (e.g. masked frames).
-_COUNTS = ("num_masked", "num_tokens", "infeasible")
-
 
 def split_micro_batches(batch: dict, accum_steps: int) -> dict:
     """[B, ...] -> [accum, B / accum, ...] with micro-batch i = rows i, i + accum, i + 2 * accum, ...
@@ -41,21 +37,49 @@ def split_micro_batches(batch: dict, accum_steps: int) -> dict:
 
 def make_train_step(model, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                     objective: Callable, accum_steps: int = 1, mesh: jax.sharding.Mesh | None = None,
-                    rules: Rules = DEFAULT_RULES, param_shardings=None) -> Callable:
+                    rules: Rules = DEFAULT_RULES, param_shardings=None, sum_metrics: tuple[str, ...] = (),
+                    frozen_subtree: str = "", frozen_until: int = 0) -> Callable:
     """train_step(state, batch) -> (state, metrics); batch leaves have the global batch first.
 
     With `mesh`, the step traces inside `sharding_context(mesh, rules)`; with `param_shardings` (the
     params' NamedSharding tree) the gradients are constrained to the parameters' sharding, so FSDP
-    reduce-scatters them instead of all-reducing whole gradients.
+    reduce-scatters them instead of all-reducing whole gradients. `sum_metrics` are counts, summed
+    over micro-batches; the other metrics are averaged weighted by each micro-batch's denominator.
+
+    While `state.step < frozen_until`, the gradient is taken with respect to every parameter
+    except the top-level subtree `frozen_subtree` (e.g. "wav2vec2", the encoder), whose gradient
+    is zero: the program then holds no backward pass through it for those steps (a `lax.cond`
+    picks the branch at run time). The optimizer must leave those parameters and their moments
+    untouched meanwhile (`optim.make_optimizer` with `freeze_encoder_steps`).
     """
 
-    def grads_of(params, batch, step, key):
+    def full_grads(params, batch, step, key):
         def loss_fn(p):
             loss_sum, denom, metrics = objective(model, p, batch, step, key, deterministic=False)
             return loss_sum, (denom, metrics)
 
         (loss_sum, (denom, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss_sum, denom, metrics, grads
+
+    def partial_grads(params, batch, step, key):
+        frozen = params[frozen_subtree]
+        rest = {k: v for k, v in params.items() if k != frozen_subtree}
+
+        def loss_fn(r):
+            loss_sum, denom, metrics = objective(model, {**r, frozen_subtree: frozen}, batch, step, key,
+                                                 deterministic=False)
+            return loss_sum, (denom, metrics)
+
+        (loss_sum, (denom, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(rest)
+        grads = {**grads, frozen_subtree: jax.tree_util.tree_map(jnp.zeros_like, frozen)}
+        return loss_sum, denom, metrics, {k: grads[k] for k in params}
+
+    def grads_of(params, batch, step, key):
+        if not frozen_until:
+            return full_grads(params, batch, step, key)
+        return jax.lax.cond(step < frozen_until, partial_grads, full_grads, params, batch, step, key)
+
+    tx = optax.with_extra_args_support(optimizer)  # the optimizer may read the step (a frozen phase's end)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         if mesh is None:
@@ -80,7 +104,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule: op
                 i, mb = inputs
                 ls, d, m, g = grads_of(state.params, mb, state.step, jax.random.fold_in(key, i))
                 acc_ls, acc_d, acc_m, acc_g = carry
-                acc_m = {k: acc_m[k] + (m[k] if k in _COUNTS else m[k] * d) for k in acc_m}
+                acc_m = {k: acc_m[k] + (m[k] if k in sum_metrics else m[k] * d) for k in acc_m}
                 acc_g = constrain_grads(jax.tree_util.tree_map(jnp.add, acc_g, g))
                 return (acc_ls + ls, acc_d + d, acc_m, acc_g), None
 
@@ -89,7 +113,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule: op
             zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
             init = (zeros[0], zeros[1], zeros[2], constrain_grads(zeros[3]))
             (loss_sum, denom, metrics, grads), _ = jax.lax.scan(body, init, (jnp.arange(accum_steps), micro))
-            metrics = {k: v if k in _COUNTS else v / jnp.maximum(denom, 1.0) for k, v in metrics.items()}
+            metrics = {k: v if k in sum_metrics else v / jnp.maximum(denom, 1.0) for k, v in metrics.items()}
         denom = jnp.maximum(denom, 1.0)
         grads = jax.tree_util.tree_map(lambda g: g / denom, grads)
         loss = loss_sum / denom
@@ -97,7 +121,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule: op
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def apply(_):
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params, global_step=state.step)
             return optax.apply_updates(state.params, updates), opt_state
 
         params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state), None)
@@ -139,3 +163,26 @@ def make_eval_step(model, objective: Callable, mesh: jax.sharding.Mesh | None = 
         return out
 
     return eval_step
+
+
+def make_predict_step(model, predict: Callable, mesh: jax.sharding.Mesh | None = None,
+                      rules: Rules = DEFAULT_RULES) -> Callable:
+    """predict_step(params, batch) -> a task's per-row outputs (deterministic), traced in the sharding context."""
+
+    def predict_step(params, batch):
+        if mesh is None:
+            return predict(model, params, batch)
+        with sharding_context(mesh, rules):
+            return predict(model, params, batch)
+
+    return predict_step
+
+
+def jit_predict_step(predict_step: Callable, mesh: jax.sharding.Mesh, rules: Rules, param_shardings,
+                     batch_shardings) -> Callable:
+    """The predict step jitted with every output's leading axis sharded like the batch rows, so that
+    each host reads back only its own rows (`parallel.global_batch.to_host_local`)."""
+    from xlsr_jax.parallel.rules import logical_sharding
+
+    return jax.jit(predict_step, in_shardings=(param_shardings, batch_shardings),
+                   out_shardings=logical_sharding(("batch",), mesh, rules))
