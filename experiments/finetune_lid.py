@@ -33,7 +33,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         "dtype": "bfloat16", "remat_policy": "dots", "scan_layers": True,
         "hidden_dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.1, "feat_proj_dropout": 0.0,
         "final_dropout": 0.0, "layerdrop": 0.1, "feature_grad_mult": 0.0,
-        "mask_time_prob": 0.3, "mask_time_length": 10, "mask_time_min_masks": 2,
+        "apply_spec_augment": True, "mask_time_prob": 0.3, "mask_time_length": 10, "mask_time_min_masks": 2,
         "mask_feature_prob": 0.1, "mask_feature_length": 64, "mask_feature_min_masks": 0,
         "use_weighted_layer_sum": False, "classifier_proj_size": 256,
     })

@@ -28,5 +28,5 @@ def export_checkpoint(workdir: str | pathlib.Path, output: str | pathlib.Path, s
     params = checkpointer.read_state(step)["params"]
     checkpointer.close()
     # The task's data-derived sizes (vocabulary, labels) and the files that travel with the model.
-    model_config, extra = exported_model(config, model_config_from(config), epath.Path(workdir))
+    model_config, extra = exported_model(config, model_config_from(config, workdir), epath.Path(workdir))
     return save_model_dir(output, model_config, params, config.head, extra_files=extra)

@@ -104,8 +104,37 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def model_config_from(config: ml_collections.ConfigDict):
-    return get_preset(config.model.preset, **dict(config.model.get("overrides", {})))
+INIT_CONFIG = "init_config.json"  # in the workdir: the architecture of `model.init_from`, pinned at the first start
+
+
+def model_config_from(config: ml_collections.ConfigDict, workdir: str | epath.Path | None = None):
+    """The run's model config: `model.preset`, or with `model.init_from` the pretrained directory's own
+    architecture (so a converted Hugging Face or fairseq checkpoint needs no matching preset), then
+    `model.overrides`. A run pins the init_from architecture in WORKDIR/init_config.json, so resume
+    and `export` do not need the pretrained directory any more. `do_normalize` is `data.normalize`:
+    inference prepares audio by it, so the exported model must say what the run trained on."""
+    overrides = dict(config.model.get("overrides", {}))
+    normalize = config.get("data", {}).get("normalize")
+    if normalize is not None:
+        overrides["do_normalize"] = bool(normalize)
+    init_from = config.model.get("init_from", "")
+    if not init_from:
+        return get_preset(config.model.preset, **overrides)
+    import json
+
+    from xlsr_jax.config import Wav2Vec2Config
+    from xlsr_jax.model_dir import read_config
+
+    pinned = epath.Path(workdir) / INIT_CONFIG if workdir is not None else None
+    if pinned is not None and pinned.is_file():
+        base = Wav2Vec2Config.from_dict(json.loads(pinned.read_text()))
+    else:
+        base, _ = read_config(init_from)
+    if normalize is not None and base.do_normalize != bool(normalize):
+        log.warning("%s was pretrained on %s audio but data.normalize=%s; fine-tuning works best with the "
+                    "pretraining's normalization (fairseq requires it)", init_from,
+                    "normalized" if base.do_normalize else "unnormalized", bool(normalize))
+    return base.replace(**overrides) if overrides else base
 
 
 def resolve_data_dir(data_dir: str, workdir: epath.Path) -> pathlib.Path:
@@ -156,7 +185,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """Train (or resume) the run described by `config` in `workdir` (a local path or e.g. gs://bucket/run)."""
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    model_config = model_config_from(config)
+    model_config = model_config_from(config, workdir)
+    if config.model.get("init_from") and jax.process_index() == 0 and not (workdir / INIT_CONFIG).is_file():
+        (workdir / INIT_CONFIG).write_text((epath.Path(config.model.init_from) / "config.json").read_text())
     mesh = build_mesh(resolve_mesh_config(config.mesh_preset, config.mesh))
     global_batch = config.data.global_batch_size
     validate_for_model(mesh, model_config, global_batch)
@@ -261,11 +292,24 @@ def init_encoder_from(state, shardings, model_dir: str, mesh: jax.sharding.Mesh,
     saved = abstract_params(saved_config.replace(scan_layers=True), saved_head)
     _, _, pretrained = load_model_dir(model_dir, shardings=param_shardings(saved, mesh, rules))
     ours = state.params["wav2vec2"]
-    theirs = pretrained["wav2vec2"]
+    theirs = dict(pretrained["wav2vec2"])
+    # Hugging Face saves `masked_spec_embed` only when its config set a masking probability: a model
+    # without one starts SpecAugment fine-tuning from a fresh embedding (as transformers does), and a
+    # run without masking has no use for it.
+    if "masked_spec_embed" in ours and "masked_spec_embed" not in theirs:
+        log.warning("%s has no masked_spec_embed (saved without masking): using a freshly initialized one", model_dir)
+        theirs["masked_spec_embed"] = ours["masked_spec_embed"]
+    elif "masked_spec_embed" not in ours:
+        theirs.pop("masked_spec_embed", None)
     mismatch = [jax.tree_util.keystr(p) for p, a, b in _zip_paths(ours, theirs) if a.shape != b.shape]
-    if mismatch or jax.tree_util.tree_structure(ours) != jax.tree_util.tree_structure(theirs):
+    ours_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(ours)}
+    theirs_paths = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(theirs)}
+    mismatch += [f"{p} (missing in {model_dir})" for p in sorted(ours_paths - theirs_paths)]
+    mismatch += [f"{p} (not in this model)" for p in sorted(theirs_paths - ours_paths)]
+    if mismatch:
         raise ConfigError(f"{model_dir} does not fit this model's encoder (mismatched: {mismatch[:4]}); "
-                          "use the same model preset as the pretrained checkpoint")
+                          "the architecture comes from its config.json: remove model.overrides that change shapes "
+                          "(e.g. hidden_size, num_hidden_layers, conv_dim)")
     placed = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), theirs, shardings.params["wav2vec2"])
     print(f"encoder initialized from {model_dir}", flush=True)
     return state.replace(params={**state.params, "wav2vec2": placed})
