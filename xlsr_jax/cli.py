@@ -67,6 +67,21 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from xlsr_jax.evaluate import default_output, evaluate_model_dir, format_report
+
+    given = {"batch_size": args.batch_size, "num_buckets": args.num_buckets}
+    given = {k: v for k, v in given.items() if v is not None}
+    lowercase = {"auto": None, "yes": True, "no": False}[args.lowercase]
+    report = evaluate_model_dir(args.model, args.data, split=args.split, max_batches=args.max_batches,
+                                dtype=args.dtype, lowercase=lowercase, progress=not args.quiet, **given)
+    for line in format_report(report):
+        print(line)
+    out = report.write(args.output or default_output(args.model, args.data, args.split))
+    print(f"wrote {out}")
+    return 0
+
+
 def _cmd_init(args: argparse.Namespace) -> int:
     from xlsr_jax.config import get_preset
     from xlsr_jax.model_dir import save_model_dir
@@ -288,6 +303,28 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype override")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_transcribe)
+
+    ev = sub.add_parser("evaluate", help="score a CTC (WER, CER) or language-ID (accuracy, confusion) model "
+                                         "directory on a split of a prepared data set",
+                        description="Runs the training loop's evaluation over every record of the split, batch "
+                                    "rows split over this machine's devices; prints overall and per-language "
+                                    "metrics and writes them as JSON.")
+    ev.add_argument("--model", required=True, help="xlsr-jax model directory (ctc or sequence_classification head)")
+    ev.add_argument("--data", required=True, help="prepared data directory (xlsr-jax prepare output)")
+    ev.add_argument("--split", default="dev", help="split of the data set to score (default %(default)s)")
+    # Defaults live in xlsr_jax.evaluate; importing it here would load JAX for every command.
+    ev.add_argument("--batch-size", type=int, help="rows per batch over all devices, a multiple of their number "
+                                                   "(default: evaluate.DEFAULT_BATCH_SIZE)")
+    ev.add_argument("--num-buckets", type=int,
+                    help="padded lengths, i.e. compiled programs (default: evaluate.DEFAULT_NUM_BUCKETS)")
+    ev.add_argument("--output", help="JSON results (default: MODEL/eval_<data dir name>_<split>.json)")
+    ev.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (default: 0, all)")
+    ev.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="compute dtype override")
+    ev.add_argument("--lowercase", choices=["auto", "yes", "no"], default="auto",
+                    help="CTC: lowercase the references; auto: when the model's vocabulary has no uppercase "
+                         "letter, since the model cannot spell one (default %(default)s)")
+    ev.add_argument("--quiet", action="store_true", help="no progress bar")
+    ev.set_defaults(func=_cmd_evaluate)
 
     init = sub.add_parser("init", help="write a randomly initialized model directory")
     init.add_argument("--preset", choices=sorted(PRESETS), default="tiny")

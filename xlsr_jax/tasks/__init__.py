@@ -74,6 +74,22 @@ def task_module(head: str):
     return modules[head]
 
 
+def evaluation_task(head: str, model_config: Wav2Vec2Config, model_dir: pathlib.Path, data_dir: pathlib.Path,
+                    split: str, lowercase: bool | None = None) -> Task:
+    """The evaluation-only task of a `head` model directory on `split` of a prepared data set
+    (`xlsr-jax evaluate`); `lowercase` applies to CTC references (None: decided by the vocabulary)."""
+    from xlsr_jax.tasks import classification, ctc
+
+    builders = {
+        "ctc": lambda: ctc.evaluation_task(model_config, model_dir, data_dir, lowercase),
+        "sequence_classification": lambda: classification.evaluation_task(model_config, data_dir, split),
+    }
+    if head not in builders:
+        raise ConfigError(f"{model_dir} has a {head!r} head, which makes no predictions to score; "
+                          f"give a model directory with one of the heads {sorted(builders)}")
+    return builders[head]()
+
+
 def make_task(config: ml_collections.ConfigDict, model_config: Wav2Vec2Config, data_dir: pathlib.Path | None,
               workdir: epath.Path | None) -> Task:
     """The task `config.head` trains. Without `data_dir`/`workdir` (e.g. `xlsr-jax fit`), data-derived

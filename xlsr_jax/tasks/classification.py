@@ -122,8 +122,9 @@ class ClassificationEvaluator:
 
 def format_confusion(labels: Sequence[str], confusion: np.ndarray) -> str:
     """The confusion matrix as a text table (rows: true label, columns: predicted)."""
-    width = max(6, *(len(x) + 1 for x in labels))
-    lines = ["true\\pred".ljust(width) + "".join(x.rjust(width) for x in labels)]
+    corner = "true\\pred"
+    width = max(len(corner) + 1, *(len(x) + 1 for x in labels))
+    lines = [corner.ljust(width) + "".join(x.rjust(width) for x in labels)]
     for label, row in zip(labels, confusion):
         lines.append(label.ljust(width) + "".join(str(int(v)).rjust(width) for v in row))
     return "\n".join(lines)
@@ -162,3 +163,50 @@ def exported_model(config: ml_collections.ConfigDict, model_config: Wav2Vec2Conf
         raise FileNotFoundError(f"{path}: the run's label list is missing; the model cannot be exported without it")
     labels = json.loads(path.read_text())
     return model_config.replace(num_labels=len(labels), id2label=tuple(labels)), ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLabelTargets:
+    """`LanguageTargets` (evaluation) with `language_id` turned into the model's label id of each record's
+    language: `label_ids[data-set language id]` (-1: a language the model does not know)."""
+
+    label_ids: tuple[int, ...]
+    crop: bool = False
+
+    def check(self, min_sample_size: int) -> None:
+        """Nothing to check: every kept length works."""
+        del min_sample_size
+
+    def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
+        ids = np.asarray(self.label_ids, np.int32)[np.asarray(raw["language_id"])]
+        if np.any(ids < 0):
+            raise ValueError("a record's language is not among the model's labels")
+        return {**LanguageTargets(crop=False)(raw, rng), "language_id": ids}
+
+
+def evaluation_task(model_config: Wav2Vec2Config, data_dir: str | pathlib.Path, split: str) -> Task:
+    """Scoring a language-ID model directory on `split`: its `id2label` is matched to the data set's
+    languages by name, so the two may order them differently and the model may know more languages.
+
+    Raises ConfigError naming the languages of `split` the model has no label for.
+    """
+    labels = list(model_config.id2label)
+    if not labels:
+        raise ConfigError("the model's config.json has no id2label: its outputs cannot be matched to the data "
+                          "set's languages by name")
+    index = DatasetIndex.load(data_dir)
+    present = [index.languages[i] for i in np.unique(index.language_ids(data_dir, split))]
+    unknown = [lang for lang in present if lang not in labels]
+    if unknown:
+        raise ConfigError(f"split {split!r} of {data_dir} has language(s) {unknown} the model does not know "
+                          f"(its labels: {labels})")
+    label_ids = tuple(labels.index(lang) if lang in labels else -1 for lang in index.languages)
+    return Task(
+        name="sequence_classification", model_config=model_config, objective=None, train_targets=None,
+        eval_targets=ModelLabelTargets(label_ids), batch_axes={},
+        predict=predict,
+        eval_axes={"input_values": ("batch", "samples"), "attention_mask": ("batch", "samples"),
+                   "language_id": ("batch",)},
+        make_evaluator=lambda: ClassificationEvaluator(labels),
+        best_metric=("accuracy", "max"),
+    )  # fmt: skip

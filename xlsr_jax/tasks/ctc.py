@@ -21,6 +21,7 @@ from etils import epath
 from data_pipelines.records import DatasetIndex, decode_metadata
 from data_pipelines.vocab import SPECIAL_TOKENS, Vocabulary, pad_labels
 from xlsr_jax.config import ConfigError, Wav2Vec2Config
+from xlsr_jax.model_dir import ModelDirError
 from xlsr_jax.objectives import ctc as ctc_objective
 from xlsr_jax.tasks import Task
 from xlsr_jax.tasks import spec_augment
@@ -235,3 +236,38 @@ def exported_model(config: ml_collections.ConfigDict, model_config: Wav2Vec2Conf
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the run's CTC vocabulary is missing; the model cannot be exported without it")
     return model_config.replace(vocab_size=len(Vocabulary.load(path)), pad_token_id=BLANK_ID), (path,)
+
+
+def model_vocabulary(model_dir: str | pathlib.Path, model_config: Wav2Vec2Config) -> Vocabulary:
+    """A CTC model directory's vocab.json, checked against the model's output size."""
+    path = pathlib.Path(model_dir) / "vocab.json"
+    if not path.is_file():
+        raise ModelDirError(f"{model_dir} is a CTC model directory without vocab.json: nothing to spell with")
+    try:
+        vocab = Vocabulary.load(path)
+    except (ValueError, KeyError, AttributeError, TypeError) as e:  # the others: not a {token: id} map
+        raise ModelDirError(f"{path} is not a CTC vocabulary: {e}") from e
+    if len(vocab) != model_config.vocab_size:
+        raise ModelDirError(f"{path} has {len(vocab)} tokens, the model vocab_size={model_config.vocab_size}")
+    return vocab
+
+
+def evaluation_task(model_config: Wav2Vec2Config, model_dir: str | pathlib.Path, data_dir: str | pathlib.Path,
+                    lowercase: bool | None = None) -> Task:
+    """Scoring a CTC model directory on a prepared data set: WER/CER overall and per data-set language.
+
+    `lowercase=None` lowercases the references when the vocabulary has no uppercase letter: such a
+    model can only spell its vocabulary's characters, so cased references would count every capital
+    as an error the model cannot avoid.
+    """
+    vocab = model_vocabulary(model_dir, model_config)
+    if lowercase is None:
+        lowercase = not any(ch.isupper() for token in vocab.tokens[len(SPECIAL_TOKENS):] for ch in token)
+    languages = list(DatasetIndex.load(data_dir).languages)
+    return Task(
+        name="ctc", model_config=model_config, objective=None, train_targets=None,
+        eval_targets=CtcTargets(vocab, lowercase=lowercase), batch_axes={},
+        predict=predict, eval_axes=batch_axes(model_config, train=False),
+        make_evaluator=lambda: CtcEvaluator(vocab, languages),
+        best_metric=("wer", "min"),
+    )  # fmt: skip
