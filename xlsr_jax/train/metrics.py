@@ -130,9 +130,9 @@ class MetricsWriter:
         return line
 
     def eval_line(self, step: int, metrics: Mapping[str, float]) -> str:
-        """A one-line evaluation summary (the headline metrics first, then per-language ones)."""
+        """A one-line evaluation summary: the headline metrics, then CER or accuracy per language."""
         head = [k for k in ("loss", "wer", "cer", "blank_ratio", "accuracy", "code_perplexity") if k in metrics]
-        per_language = sorted(k for k in metrics if "/" in k and isinstance(metrics[k], (int, float)))
+        per_language = sorted(k for k in metrics if k.startswith(("cer/", "accuracy/")))
         parts = [f"eval step {step}"] + [f"{k} {metrics[k]:.4g}" for k in head]
         if per_language:
             parts.append(" ".join(f"{k} {metrics[k]:.3g}" for k in per_language))
