@@ -24,8 +24,8 @@ from xlsr_jax.model_dir import load_model_dir, read_config
 from xlsr_jax.train.loop import INIT_CONFIG, train_and_evaluate
 
 FAIRSEQ = pathlib.Path(__file__).parent / "fixtures" / "fairseq"
-CTC, LID = "experiments/finetune_ctc.py:smoke", "experiments/finetune_lid.py:smoke"
-STEPS = 3
+CTC = "experiments/finetune_ctc.py:smoke"
+STEPS = 2
 # Architecture fields the smoke preset ("tiny") sets differently from every converted model below.
 ARCH = ("hidden_size", "feat_extract_norm", "do_stable_layer_norm", "conv_bias")
 
@@ -92,17 +92,21 @@ def _finetune_and_export(tmp_path, experiment, converted, data_dir, head):
 
 @pytest.mark.slow
 def test_ctc_from_hf_pretraining_dir(tmp_path, data_dir):
-    # Group norm, post-LN, no conv bias, 48 wide, 3 layers.
-    arch = get_preset("tiny_base", hidden_size=48, num_hidden_layers=3, intermediate_size=80)
+    # Group norm, post-LN, no conv bias, 48 wide, 3 layers; saved without masking, so transformers wrote no
+    # masked_spec_embed: the SpecAugment fine-tuning run adds a fresh one.
+    arch = get_preset("tiny_base", hidden_size=48, num_hidden_layers=3, intermediate_size=80, mask_time_prob=0.0,
+                      mask_feature_prob=0.0)
     random_hf_model(arch, "pretraining").save_pretrained(tmp_path / "hf")
     converted = hf_to_jax(tmp_path / "hf", tmp_path / "converted")
     assert read_config(converted)[1] == "pretraining"
+    assert "masked_spec_embed" not in load_model_dir(converted)[2]["wav2vec2"]
 
     _, exported = _finetune_and_export(tmp_path, CTC, converted, data_dir, "ctc")
     vocab = json.loads((tmp_path / "run" / "vocab.json").read_text())
     assert exported.vocab_size == len(vocab) and vocab["<pad>"] == 0
     assert _arch(exported) == _arch(arch)
     assert exported.mask_time_prob == 0.3  # the smoke run's SpecAugment overrides apply on top
+    assert "masked_spec_embed" in load_model_dir(tmp_path / "exported")[2]["wav2vec2"]
 
 
 @pytest.mark.slow
@@ -117,27 +121,10 @@ def test_ctc_from_fairseq_pretraining_checkpoint(tmp_path, data_dir):
     assert not source.do_normalize and exported.do_normalize
 
 
-@pytest.mark.slow
-def test_language_id_from_hf_model_saved_without_masking(tmp_path, data_dir):
-    # transformers creates no masked_spec_embed when both masking probabilities are 0.
-    arch = get_preset("tiny_base", hidden_size=40, num_attention_heads=5, num_conv_pos_embedding_groups=5,
-                      intermediate_size=72, mask_time_prob=0.0, mask_feature_prob=0.0)
-    random_hf_model(arch, "base").save_pretrained(tmp_path / "hf")
-    converted = hf_to_jax(tmp_path / "hf", tmp_path / "converted")
-    assert "masked_spec_embed" not in load_model_dir(converted)[2]["wav2vec2"]
-
-    _, exported = _finetune_and_export(tmp_path, LID, converted, data_dir, "sequence_classification")
-    labels = json.loads((tmp_path / "run" / "labels.json").read_text())
-    assert list(exported.id2label) == labels and exported.num_labels == len(labels) >= 2
-    assert _arch(exported) == _arch(arch) and exported.mask_time_prob == 0.3
-    assert "masked_spec_embed" in load_model_dir(tmp_path / "exported")[2]["wav2vec2"]
-
-
-@pytest.mark.slow  # 20-30 s: the train state is created (compiled) before the encoder is read
-def test_init_from_with_a_shape_changing_override_fails_before_training(tmp_path, data_dir):
+def test_init_from_with_a_shape_changing_override_fails_before_anything_compiles(tmp_path, data_dir):
     converted = fairseq_to_jax(FAIRSEQ / "pt_ln.pt", tmp_path / "converted")  # 32 wide
     config = _config(CTC, converted, data_dir, "--config.model.overrides.hidden_size=48")
-    # The message names the mismatched parameters and the override to remove.
-    with pytest.raises(ConfigError, match=r"does not fit .*mismatched: \[\"\['encoder'\].*overrides.*hidden_size"):
+    # The message names the override to remove.
+    with pytest.raises(ConfigError, match=r"change the architecture of model.init_from=.*\(hidden_size\).*remove"):
         train_and_evaluate(config, tmp_path / "run")
-    assert not list((tmp_path / "run" / "checkpoints").iterdir())  # no step was taken or saved
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing was built or saved

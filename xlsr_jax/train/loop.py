@@ -104,6 +104,10 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+# Wav2Vec2Config fields that set parameter shapes or the layout of the encoder's weights.
+ARCHITECTURE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "conv_dim",
+                       "conv_kernel", "conv_stride", "conv_bias", "feat_extract_norm", "do_stable_layer_norm",
+                       "num_conv_pos_embeddings", "num_conv_pos_embedding_groups")
 INIT_CONFIG = "init_config.json"  # in the workdir: the architecture of `model.init_from`, pinned at the first start
 
 
@@ -130,6 +134,10 @@ def model_config_from(config: ml_collections.ConfigDict, workdir: str | epath.Pa
         base = Wav2Vec2Config.from_dict(json.loads(pinned.read_text()))
     else:
         base, _ = read_config(init_from)
+    changed = sorted(k for k in ARCHITECTURE_FIELDS if k in overrides and overrides[k] != getattr(base, k))
+    if changed:
+        raise ConfigError(f"model.overrides change the architecture of model.init_from={init_from} ({', '.join(changed)}); "
+                          "the pretrained weights would not fit: remove those overrides")
     if normalize is not None and base.do_normalize != bool(normalize):
         log.warning("%s was pretrained on %s audio but data.normalize=%s; fine-tuning works best with the "
                     "pretraining's normalization (fairseq requires it)", init_from,
