@@ -12,6 +12,7 @@ from xlsr_jax.objectives.contrastive import ContrastiveObjective
 from xlsr_jax.objectives.masking import compute_span_mask, sample_negatives
 from xlsr_jax.parallel.mesh import build_mesh
 from xlsr_jax.parallel.rules import logical_sharding
+from xlsr_jax.tasks import pretraining
 from xlsr_jax.train.optim import make_optimizer
 from xlsr_jax.train.state import create_train_state
 from xlsr_jax.train.step import jit_train_step, make_train_step
@@ -43,7 +44,7 @@ def _run(mesh_cfg, steps=2, accum=1, devices=None, config=CONFIG):
     state, shardings = create_train_state(model, optimizer, mesh, seed=0)
     # What training runs: activation constraints in context, gradients constrained to the params' shardings.
     step = make_train_step(model, optimizer, schedule, ContrastiveObjective(), accum_steps=accum, mesh=mesh,
-                           param_shardings=shardings.params)
+                           param_shardings=shardings.params, sum_metrics=pretraining.SUM_METRICS)
     batch_sharding = logical_sharding(("batch",), mesh)
     jstep = jit_train_step(step, shardings, batch_sharding)
     history = []
@@ -111,8 +112,8 @@ def test_weight_decay_mask_and_freezing():
     optimizer, _ = make_optimizer(dict(OPTIM, freeze_feature_encoder=True, freeze_encoder_steps=2))
     opt_state = optimizer.init(params)
     grads = jax.tree_util.tree_map(jnp.ones_like, params)
-    for i in range(3):
-        updates, opt_state = optimizer.update(grads, opt_state, params)
+    for i in range(3):  # the optimizer reads the global step (the train step passes state.step)
+        updates, opt_state = optimizer.update(grads, opt_state, params, global_step=jnp.asarray(i, jnp.int32))
         conv = updates["wav2vec2"]["feature_extractor"]["conv_layers_0"]["kernel"]
         layer = updates["wav2vec2"]["encoder"]["layers"]["attention"]["q_proj"]["kernel"]
         head = updates["lm_head"]["kernel"]

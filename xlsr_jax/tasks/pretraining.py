@@ -12,6 +12,7 @@ from xlsr_jax.objectives.contrastive import ContrastiveObjective
 from xlsr_jax.objectives.masking import row_generators, row_span_masks, sample_negatives
 from xlsr_jax.tasks import Task
 
+SUM_METRICS = ("num_masked",)  # counts: summed over micro-batches
 BATCH_AXES = {
     "input_values": ("batch", "samples"),
     "attention_mask": ("batch", "samples"),
@@ -70,7 +71,7 @@ def make(config: ml_collections.ConfigDict, model_config: Wav2Vec2Config, data_d
         name="pretraining", model_config=model_config, objective=objective,
         train_targets=PretrainTargets(model_config, mask_prob=d.mask_prob, seed=d.seed),
         eval_targets=PretrainTargets(model_config, mask_prob=d.mask_prob, seed=d.seed + 1000),
-        batch_axes=dict(BATCH_AXES), sum_metrics=("num_masked",), best_metric=("loss", "min"),
+        batch_axes=dict(BATCH_AXES), sum_metrics=SUM_METRICS, best_metric=("loss", "min"),
     )  # fmt: skip
 
 
