@@ -11,7 +11,6 @@ fine-tuned model itself.
 
 import json
 
-import jax
 import numpy as np
 import pytest
 

@@ -15,7 +15,7 @@ from xlsr_jax.cli import main
 from xlsr_jax.config import HF_ARCHITECTURES, get_preset
 from xlsr_jax.inference import Predictor, chunk_frames, plan_windows, receptive_field
 from xlsr_jax.model_dir import save_model_dir
-from xlsr_jax.models.heads import abstract_params, build_model, init_params
+from xlsr_jax.models.heads import abstract_params, init_params
 
 # 1 s windows with 0.2 s margins: 50-frame windows that keep 30 frames each away from the ends, so a
 # 2.5 s file (124 frames) runs as 4 windows of the tiny model.
