@@ -27,3 +27,33 @@ def cpu_devices():
     devices = jax.devices()
     assert len(devices) == 8, f"expected 8 fake CPU devices, got {len(devices)}"
     return devices
+
+
+@pytest.fixture(scope="session")
+def compile_cache_dir(tmp_path_factory):
+    """One JAX persistent compilation cache for the whole session (empty at its start)."""
+    return tmp_path_factory.mktemp("jax_compile_cache")
+
+
+@pytest.fixture(scope="module")
+def compile_cache(compile_cache_dir):
+    """JAX's persistent compilation cache, for modules that start the same training program many times.
+
+    A program (same HLO, devices and options) is compiled once per session; every later run, in this
+    process or in a subprocess started with the returned environment, loads that executable instead of
+    compiling it again: what runs is the same. Every compile counts (the default skips those under 1 s,
+    e.g. the many small slicing programs Orbax compiles for its first save in a process).
+    Yields the environment variables that turn it on in subprocesses; off again after the module.
+    Single-process runs only: on CPU each process of a multi-process run keys the same program
+    differently and only process 0 writes, so the processes would drift apart (test_multihost_cli.py).
+    """
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    previous = jax.config.jax_persistent_cache_min_compile_time_secs
+    cc.set_cache_dir(str(compile_cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield {"JAX_COMPILATION_CACHE_DIR": str(compile_cache_dir),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
+    cc.reset_cache()

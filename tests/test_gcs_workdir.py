@@ -22,6 +22,7 @@ import numpy as np
 import portpicker
 import pytest
 
+from xlsr_jax.model_dir import load_model_dir
 from xlsr_jax.train.checkpoint import Checkpointer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -64,6 +65,12 @@ def _read(url, name):
         return r.read().decode()
 
 
+def _committed(url):
+    """The committed checkpoint steps in gs://bucket/run, ascending."""
+    return sorted(int(n.split("/")[2]) for n in _objects(url, "run/checkpoints/")
+                  if n.endswith("/commit_success.txt") and n.count("/") == 3)
+
+
 def _run(workdir, steps, env, wait=True):
     cmd = CLI + ["train", "--config", "experiments/pretrain_xlsr.py:smoke", "--workdir", str(workdir),
                  f"--config.train.steps={steps}", *OVERRIDES]
@@ -77,40 +84,36 @@ def _run(workdir, steps, env, wait=True):
 
 
 @pytest.mark.slow
-def test_gs_workdir_checkpoints_resumes_after_kill_and_exports(tmp_path, emulator):
-    url, env = emulator
+def test_gs_workdir_checkpoints_resumes_after_kill_and_exports(tmp_path, emulator, compile_cache):
+    url, gcs = emulator
     local = tmp_path / "local"
-    _run(local, 6, {})  # the uninterrupted reference, on local disk
+    _run(local, 4, compile_cache)  # the uninterrupted reference, on local disk
+    env = {**gcs, **compile_cache}  # the runs are one program: compiled once
     proc = _run("gs://bucket/run", 400, env, wait=False)
     deadline = time.time() + 300
     # Buckets have no rename: Orbax marks a committed step with commit_success.txt (a torn one is ignored).
-    while time.time() < deadline and "run/checkpoints/2/commit_success.txt" not in _objects(url, "run/"):
+    while time.time() < deadline and not _objects(url, "run/checkpoints/2/commit_success.txt"):
         time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)  # before it commits step 4
     proc.wait(timeout=60)
-    steps = sorted(int(n.split("/")[2]) for n in _objects(url, "run/checkpoints/")
-                   if n.endswith("/commit_success.txt") and n.count("/") == 3)
-    assert steps and steps[-1] < 6, steps
-    resumed = _run("gs://bucket/run", 6, env)
+    steps = _committed(url)
+    assert steps and steps[-1] < 4, steps
+    resumed = _run("gs://bucket/run", 4, env)
     assert f"resumed from step {steps[-1]} in gs://bucket/run/checkpoints" in resumed.stdout
+    assert _committed(url)[-1] == 4
     names = _objects(url, "run/")
     assert any(n.startswith("run/tensorboard/events.out.tfevents") for n in names)
     logged = [json.loads(line)["step"] for line in _read(url, "run/metrics.jsonl").splitlines()]
-    assert logged[-1] == 6 and set(range(steps[-1] + 1, 7)) <= set(logged)
-
-    # Resumed from the bucket == uninterrupted on local disk, bit for bit.
-    os.environ.update(env)
-    try:
-        remote = Checkpointer("gs://bucket/run/checkpoints").read_state(6)
-    finally:
-        for key in env:
-            os.environ.pop(key)
-    reference = Checkpointer(local / "checkpoints").read_state(6)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(remote["params"]),
-                           jax.device_get(reference["params"]))
+    assert logged[-1] == 4 and set(range(steps[-1] + 1, 5)) <= set(logged)
 
     export = subprocess.run(CLI + ["export", "--workdir", "gs://bucket/run", "--output", str(tmp_path / "model")],
                             cwd=ROOT, env={**os.environ, **env, "JAX_PLATFORMS": "cpu"}, capture_output=True,
                             text=True, timeout=300)
     assert export.returncode == 0, export.stderr[-3000:]
     assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "model" / "params").is_dir()
+    # The export is the bucket's newest checkpoint (step 4, resumed from the bucket): equal to the
+    # uninterrupted run on local disk, bit for bit.
+    _, head, exported = load_model_dir(tmp_path / "model")
+    reference = Checkpointer(local / "checkpoints").read_state(4)
+    assert head == "pretraining"
+    jax.tree_util.tree_map(np.testing.assert_array_equal, exported, jax.device_get(reference["params"]))

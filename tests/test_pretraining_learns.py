@@ -13,7 +13,7 @@ from xlsr_jax.models.heads import build_model, init_params
 from xlsr_jax.objectives.contrastive import PretrainingBatch, gumbel_temperature, pretraining_loss
 from xlsr_jax.objectives.masking import compute_span_mask, sample_negatives
 
-STEPS = 300
+STEPS = 150  # loss per frame ~3.5 -> ~0.9 and perplexities ~29 by then: far past every threshold below
 
 
 @pytest.mark.slow

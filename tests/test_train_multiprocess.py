@@ -32,10 +32,11 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_and_resume_continues(tmp_path, data_dir):
+def test_sigterm_saves_and_resume_continues(tmp_path, data_dir, compile_cache):
     workdir = tmp_path / "run"
     cmd = [sys.executable, str(WORKER), str(workdir), str(data_dir), "400"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = _env(**compile_cache)  # the resumed process loads the program the first one compiled
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):
@@ -48,7 +49,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path, data_dir):
     assert 3 <= stopped_at < 400
     assert (workdir / "checkpoints" / str(stopped_at)).is_dir()
     # A fresh process resumes from exactly there.
-    resumed = subprocess.run(cmd[:-1] + [str(stopped_at + 2)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+    resumed = subprocess.run(cmd[:-1] + [str(stopped_at + 2)], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from step {stopped_at}" in resumed.stdout
