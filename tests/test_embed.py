@@ -1,4 +1,4 @@
-"""`xlsr-jax embed` and `xlsr-jax demo`: outputs equal Hugging Face's, errors are one clear line."""
+"""`xlsr-jax embed`, `init` and `presets`: outputs equal Hugging Face's, errors are one clear line."""
 
 import numpy as np
 import pytest
@@ -75,13 +75,7 @@ def test_embed_errors(converted, tmp_path, capsys):
     assert "both write a.npy" in capsys.readouterr().err
 
 
-def test_demo_and_init(tmp_path, capsys):
-    assert main(["demo", "--workdir", str(tmp_path / "demo")]) == 0
-    printed = capsys.readouterr().out
-    assert "embedded 3 bundled clips" in printed
-    for name in ("cmn_0001", "de_0001", "en_0001"):
-        emb = np.load(tmp_path / "demo" / "embeddings" / f"{name}.npy")
-        assert emb.shape[1] == 32 and emb.shape[0] > 40 and np.isfinite(emb).all()
+def test_init_and_presets(tmp_path, capsys):
     assert main(["init", "--preset", "tiny", "--head", "ctc", "--output", str(tmp_path / "m")]) == 0
     assert "39,824" not in capsys.readouterr().out  # the CTC head adds lm_head parameters
     assert main(["presets"]) == 0

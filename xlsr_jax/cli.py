@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pathlib
 import sys
 import time
 
@@ -108,26 +107,28 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from data_pipelines.corpus import sample_paths
-    from xlsr_jax.config import get_preset
-    from xlsr_jax.embed import embed_files
-    from xlsr_jax.model_dir import save_model_dir
-    from xlsr_jax.models.heads import count_params, init_params
+    import importlib.util
 
-    workdir = pathlib.Path(args.workdir)
-    t0 = time.perf_counter()
-    config = get_preset(args.preset)
-    params = init_params(config, "base", seed=0)
-    model_dir = save_model_dir(workdir / "model", config, params, "base", overwrite=True)
-    t_init = time.perf_counter() - t0
-    print(f"[1/2] random {args.preset} encoder, {count_params(params):,} parameters -> {model_dir} "
-          f"({t_init:.1f} s)")
-    audio = sample_paths()
-    report = embed_files(model_dir, audio, workdir / "embeddings", progress=False)
-    print(f"[2/2] embedded {len(audio)} bundled clips ({report.audio_seconds:.2f} s of speech) in "
-          f"{report.wall_seconds:.2f} s (compile included)")
-    for path, shape in zip(report.outputs, report.shapes):
-        print(f"      {path.name:<20} frames x hidden = {shape[0]} x {shape[1]}")
+    if importlib.util.find_spec("libtpu") is not None:  # the fit stage compiles for a TPU slice
+        from xlsr_jax.parallel.topology import quiet_libtpu
+
+        quiet_libtpu()  # before the TPU plugin loads
+    import jax
+
+    from xlsr_jax.demo import Demo
+    from xlsr_jax.demo_report import headline
+
+    if args.devices:
+        jax.config.update("jax_num_cpu_devices", args.devices)  # before the first device is touched
+    logging.getLogger("xlsr_jax").setLevel(logging.INFO)  # the loop's job and resume lines
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's notes on metrics and metadata
+    demo = Demo(args.workdir, args.minutes, on_stage=lambda s: print(f"== {s.name} ({s.seconds:.0f} s): {headline(s)}",
+                                                                      flush=True))
+    plan = demo.plan
+    print(f"xlsr-jax demo in {demo.workdir}: budget {plan.minutes:g} min -> {plan.pretrain_steps} pretraining, "
+          f"{plan.ctc_steps} CTC and {plan.lid_steps} language-ID steps", flush=True)
+    result = demo.run()
+    print(f"done in {result.seconds:.0f} s; report: {result.report}")
     return 0
 
 
@@ -336,9 +337,13 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("presets", help="list model presets with their parameter counts")
     pre.set_defaults(func=_cmd_presets)
 
-    demo = sub.add_parser("demo", help="end-to-end run on the bundled clips")
-    demo.add_argument("--workdir", default="xlsr_jax_demo")
-    demo.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    demo = sub.add_parser("demo", help="the whole system on the embedded corpus: prepare, pretrain (preempted and "
+                                       "resumed), fit for TPU, fine-tune CTC and language ID, evaluate, export, report")
+    demo.add_argument("--workdir", default="xlsr_jax_demo", help="where everything is written (default: %(default)s)")
+    demo.add_argument("--minutes", type=float, default=10.0,
+                      help="time budget on 2 CPU cores; scales the training steps (default: %(default)s)")
+    demo.add_argument("--devices", type=int, default=2,
+                      help="fake CPU devices the pretraining mesh spans (data parallel; default: %(default)s)")
     demo.set_defaults(func=_cmd_demo)
 
     prep = sub.add_parser("prepare", help="ingest audio files into ArrayRecord shards + dataset.json")

@@ -14,7 +14,7 @@ def train_section(steps: int, eval_every: int, checkpoint_every: int) -> ml_coll
         "accum_steps": 1,
         "log_every": 100,
         "eval_every": eval_every,
-        "eval_batches": 20,
+        "eval_batches": 20,  # per evaluation; 0: the whole eval split
         "checkpoint_every": checkpoint_every,
         "keep_checkpoints": 3,
         "best_metric": "",  # eval-split metric the best checkpoint (kept beside the last N) is chosen by; "": the task's

@@ -12,8 +12,12 @@ from xlsr_jax.tasks import exported_model
 from xlsr_jax.train.checkpoint import Checkpointer
 
 
-def export_checkpoint(workdir: str | pathlib.Path, output: str | pathlib.Path, step: int | None = None) -> pathlib.Path:
-    """Write MODEL_DIR from the checkpoint at `step` (default: newest) of a run in `workdir` (local or gs://)."""
+def export_checkpoint(workdir: str | pathlib.Path, output: str | pathlib.Path, step: int | None = None,
+                      overwrite: bool = False) -> pathlib.Path:
+    """Write MODEL_DIR from the checkpoint at `step` (default: newest) of a run in `workdir` (local or gs://).
+
+    An existing `output` is refused unless `overwrite`.
+    """
     from xlsr_jax.train.loop import model_config_from
 
     checkpointer = Checkpointer(epath.Path(workdir) / "checkpoints", async_save=False)
@@ -29,4 +33,4 @@ def export_checkpoint(workdir: str | pathlib.Path, output: str | pathlib.Path, s
     checkpointer.close()
     # The task's data-derived sizes (vocabulary, labels) and the files that travel with the model.
     model_config, extra = exported_model(config, model_config_from(config, workdir), epath.Path(workdir))
-    return save_model_dir(output, model_config, params, config.head, extra_files=extra)
+    return save_model_dir(output, model_config, params, config.head, extra_files=extra, overwrite=overwrite)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import pathlib
 import signal
 import time
@@ -361,7 +362,8 @@ def best_metric(config: ml_collections.ConfigDict, task) -> tuple[str, str]:
 
 def evaluate(config, data_dir, program, params, per_host: int) -> dict:
     """Eval-split metrics: the task's full-split evaluation, or the mean of the objective's metrics
-    over `config.train.eval_batches` batches (tasks without one, e.g. pretraining)."""
+    over `config.train.eval_batches` batches (tasks without one, e.g. pretraining; 0: as many batches
+    as the split has records for)."""
     if not config.data.eval_split:
         return {}
     task, mesh, rules = program.task, program.mesh, program.rules
@@ -370,13 +372,15 @@ def evaluate(config, data_dir, program, params, per_host: int) -> dict:
                                        pipeline_config(config, per_host, 1000), mesh, rules,
                                        max_batches=config.train.eval_batches)
         return metrics
+    num_batches = config.train.eval_batches or math.ceil(
+        DatasetIndex.load(data_dir).splits[config.data.eval_split].total_records / config.data.global_batch_size)
     ds = prepared_dataset(data_dir, config.data.eval_split, pipeline_config(config, per_host, 1000), task.eval_targets)
     it = iter(ds)
     sums: dict[str, float] = {}
-    for _ in range(config.train.eval_batches):
+    for _ in range(num_batches):
         batch = to_global_batch({k: v for k, v in next(it).items() if k in task.step_keys}, mesh, rules,
                                 task.batch_axes)
         metrics = jax.device_get(program.eval_step(params, batch))
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
-    return {k: v / config.train.eval_batches for k, v in sums.items()}
+    return {k: v / num_batches for k, v in sums.items()}
