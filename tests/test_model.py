@@ -48,12 +48,19 @@ def test_every_param_has_logical_names_known_to_the_rules():
             jax.sharding.PartitionSpec("layers", "embed", "heads", "kv")
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
-def test_remat_policies_change_nothing_numerically(policy):
+@pytest.fixture(scope="module")
+def no_remat():
+    """Loss and gradients without rematerialization (computed once for every policy below)."""
     audio, mask = _batch()
     base = get_preset("tiny", hidden_dropout=0.0)
     params = init_params(base, "ctc")
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(_ctc_loss_fn(base, audio, mask)))(params)
+    return audio, mask, base, params, ref_loss, ref_grads
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_change_nothing_numerically(policy, no_remat):
+    audio, mask, base, params, ref_loss, ref_grads = no_remat
     loss, grads = jax.jit(jax.value_and_grad(_ctc_loss_fn(base.replace(remat_policy=policy), audio, mask)))(params)
     assert abs(float(loss) - float(ref_loss)) < 1e-6
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)

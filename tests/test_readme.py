@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -66,10 +67,12 @@ def test_readme_commands_run(tmp_path, monkeypatch, capsys):
     shutil.copy(sample_paths()[0], tmp_path / "interview.flac")
     monkeypatch.chdir(tmp_path)
     subs = substitutions(tmp_path)
+    timings = []
     for block in runnable_blocks(README.read_text()):
         for command in block:
             for old, new in subs:
                 command = command.replace(old, new)
+            start = time.perf_counter()
             if command.startswith("xlsr-jax "):
                 argv = shlex.split(command)[1:]
                 if argv[0] == "train":
@@ -81,6 +84,8 @@ def test_readme_commands_run(tmp_path, monkeypatch, capsys):
                 run = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600)
                 assert run.returncode == 0, f"{command}\n{run.stderr[-3000:]}"
                 assert run.stdout.strip(), command
+            timings.append((time.perf_counter() - start, command[:100]))
+    print("\n".join(f"{t:6.1f} s  {c}" for t, c in timings))
     # What the journeys leave behind.
     assert (tmp_path / "bucket" / "xlsr-300m" / "checkpoints").is_dir()
     assert (tmp_path / "xlsr-300m-mine-hf" / "config.json").is_file()
