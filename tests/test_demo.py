@@ -1,7 +1,8 @@
 """`xlsr-jax demo --minutes 1`: the README's first command, end to end in a fresh process.
 
-The demo's own numbers (loss, CER, accuracy at this budget) are not asserted beyond sanity: what is
-asserted is that every stage ran on the real paths and left what the report says it left.
+Asserted: every stage ran on the real paths and left what the report says it left; the fine-tuning
+losses fell and language ID is above chance. Not asserted: a CER below the all-blank output's 1.0,
+which a model this small reaches only after several hundred CTC steps (BENCHMARKS.md).
 """
 
 import importlib.util
@@ -74,7 +75,10 @@ def test_demo_runs_every_stage_and_writes_the_report(demo_run):
     assert set(ctc["per_language"]) == set(languages)
     lid = stages["finetune_lid"]["summary"]
     assert lid["confusion_labels"] == languages
-    assert sum(map(sum, lid["confusion"])) == 44 and 0 <= lid["metrics"]["accuracy"] <= 1
+    assert sum(map(sum, lid["confusion"])) == 44
+    # The head on the (barely pretrained) frozen encoder: 8 of 44 dev clips measured, chance is 4.
+    assert lid["metrics"]["accuracy"] >= 1.5 / len(languages), lid["metrics"]
+    assert lid["loss"][1] < lid["loss"][0]
     assert read_config(workdir / "models" / "lid")[0].id2label == tuple(languages)
 
     hf = stages["export_hf"]["summary"]
