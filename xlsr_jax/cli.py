@@ -337,10 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("presets", help="list model presets with their parameter counts")
     pre.set_defaults(func=_cmd_presets)
 
+    from xlsr_jax.demo import DEFAULT_MINUTES
+
     demo = sub.add_parser("demo", help="the whole system on the embedded corpus: prepare, pretrain (preempted and "
                                        "resumed), fit for TPU, fine-tune CTC and language ID, evaluate, export, report")
     demo.add_argument("--workdir", default="xlsr_jax_demo", help="where everything is written (default: %(default)s)")
-    demo.add_argument("--minutes", type=float, default=10.0,
+    demo.add_argument("--minutes", type=float, default=DEFAULT_MINUTES,
                       help="time budget on 2 CPU cores; scales the training steps (default: %(default)s)")
     demo.add_argument("--devices", type=int, default=2,
                       help="fake CPU devices the pretraining mesh spans (data parallel; default: %(default)s)")
