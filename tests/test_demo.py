@@ -1,8 +1,7 @@
 """`xlsr-jax demo --minutes 1`: the README's first command, end to end in a fresh process.
 
 Asserted: every stage ran on the real paths and left what the report says it left; the fine-tuning
-losses fell and language ID is above chance. Not asserted: a CER below the all-blank output's 1.0,
-which a model this small reaches only after several hundred CTC steps (BENCHMARKS.md).
+losses fell, CTC's dev CER is below the all-blank output's 1.0 and language ID is above chance.
 """
 
 import importlib.util
@@ -71,7 +70,8 @@ def test_demo_runs_every_stage_and_writes_the_report(demo_run):
 
     ctc = stages["finetune_ctc"]["summary"]
     assert ctc["steps"] == plan["ctc_steps"] and ctc["loss"][1] < ctc["loss"][0]
-    assert 0 < ctc["metrics"]["cer"] and 0 <= ctc["metrics"]["blank_ratio"] <= 1
+    # Below the all-blank output's CER of 1.0 (0.91 measured from the 8-step encoder on 1 device).
+    assert 0 < ctc["metrics"]["cer"] < 0.97 and ctc["metrics"]["blank_ratio"] < 0.99, ctc["metrics"]
     assert set(ctc["per_language"]) == set(languages)
     lid = stages["finetune_lid"]["summary"]
     assert lid["confusion_labels"] == languages
