@@ -11,6 +11,17 @@ and the leftover (< one global batch) of a bucket moves up into the next longer 
 fits. A window holds a whole number of global batches, so no record is ever dropped: a window
 that straddles an epoch boundary simply holds the end of one epoch and the start of the next.
 The order of the batches inside a window is a seeded shuffle.
+
+Audio-budget batches (fairseq's `max_tokens`): with `batch_sizes`, a batch from bucket b has
+`batch_sizes[b]` rows, the most that keep rows x bucket length within a samples budget, so the
+audio per update is nearly constant while shapes stay static (one program per bucket). A window
+is then a fixed number of stream records and yields a fixed number of batches (the count expected
+from the stream's bucket distribution), so batch i still maps to window i // n without planning
+the windows before it. Where a window's records make more batches than that, the surplus batches
+(chosen at random) are not trained on this time round; where fewer, and for the longest bucket's
+partial batch, rows are filled with other records of the same window. `plan_budget_window`
+reports neither as lost: both are a few batches per window (`tests/test_batching_budget.py`
+measures the fraction).
 """
 
 from __future__ import annotations
@@ -67,6 +78,59 @@ def plan_window(bucket_ids: np.ndarray, num_buckets: int, global_batch: int, rng
     return batches[order], buckets[order]
 
 
+def budget_batch_sizes(buckets: np.ndarray, samples_per_batch: int, multiple: int = 1) -> np.ndarray:
+    """Rows of a global batch per bucket: the largest multiple of `multiple` with rows x length <= budget."""
+    buckets = np.asarray(buckets, dtype=np.int64)
+    rows = samples_per_batch // buckets // multiple * multiple
+    if (rows < multiple).any():
+        need = int(buckets[-1]) * multiple
+        raise ValueError(f"a samples budget of {samples_per_batch} per batch holds no {multiple} rows of the longest "
+                         f"bucket ({int(buckets[-1])} samples): it must be at least {need}")
+    return rows
+
+
+def expected_budget_batches(bucket_probs: np.ndarray, batch_sizes: np.ndarray, window_records: int) -> int:
+    """Batches `plan_budget_window` makes from `window_records` records with the expected bucket counts."""
+    carry, count = 0.0, 0
+    for p, rows in zip(bucket_probs, batch_sizes):
+        members = carry + window_records * float(p)
+        full = int(members // rows)
+        count += full
+        carry = members - full * rows
+    return max(1, count + (carry >= 1.0))
+
+
+def plan_budget_window(bucket_ids: np.ndarray, batch_sizes: np.ndarray, num_batches: int,
+                       rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    """(`num_batches` batches of window offsets, bucket of each batch) with `batch_sizes[b]` rows in bucket b.
+
+    Buckets fill shortest first and a bucket's leftover moves up, as in `plan_window`; the longest
+    bucket's leftover is completed with other records of the window. The batches are shuffled, then
+    cut or topped up (with batches of random window records in the longest bucket) to `num_batches`.
+    """
+    n = len(bucket_ids)
+    batches, buckets = [], []
+    carry = np.zeros(0, dtype=np.int64)
+    last = len(batch_sizes) - 1
+    for b, rows in enumerate(batch_sizes):
+        members = np.concatenate([carry, np.flatnonzero(bucket_ids == b)])
+        full = len(members) // rows * rows
+        batches.extend(members[:full].reshape(-1, rows))
+        buckets.extend([b] * (full // rows))
+        carry = members[full:]
+    rows = int(batch_sizes[last])
+    if len(carry):
+        others = np.setdiff1d(np.arange(n), carry)
+        fill = rng.choice(others, rows - len(carry), replace=len(others) < rows - len(carry))
+        batches.append(np.concatenate([carry, fill]))
+        buckets.append(last)
+    while len(batches) < num_batches:
+        batches.append(rng.choice(n, rows, replace=n < rows))
+        buckets.append(last)
+    order = rng.permutation(len(batches))[:num_batches]
+    return [batches[i] for i in order], np.asarray(buckets, dtype=np.int64)[order]
+
+
 class BatchPlan:
     """Global batch i -> (stream positions, record indices, padded length); thread-safe, picklable."""
 
@@ -79,8 +143,21 @@ class BatchPlan:
         window_batches: int,
         seed: int,
         epoch_records: int,
+        batch_sizes: np.ndarray | None = None,
+        bucket_probs: np.ndarray | None = None,
     ):
-        """`effective_lengths[r]`: samples record r has after cropping; `epoch_records`: records per epoch."""
+        """`effective_lengths[r]`: samples record r has after cropping; `epoch_records`: records per epoch.
+
+        Audio-budget batches: `batch_sizes[b]` global rows in bucket b (`budget_batch_sizes`) and
+        `bucket_probs[b]`, the share of the stream's records in bucket b; `global_batch` is then the
+        largest batch and the stream must be infinite.
+        """
+        if batch_sizes is not None:
+            if bucket_probs is None or len(batch_sizes) != len(buckets) or len(bucket_probs) != len(buckets):
+                raise ValueError("audio-budget batches need one batch size and one probability per bucket")
+            if len(stream) < sys.maxsize:
+                raise ValueError("audio-budget batches need an infinite record stream (num_epochs=None)")
+            global_batch = int(np.max(batch_sizes))
         if global_batch < 1:
             raise ValueError(f"global batch must be >= 1, got {global_batch}")
         if epoch_records < global_batch:
@@ -96,6 +173,14 @@ class BatchPlan:
         self.window_batches = max(1, min(window_batches, epoch_records // global_batch))
         self.seed = seed
         self.num_batches = sys.maxsize if len(stream) >= sys.maxsize else len(stream) // global_batch
+        self.batch_sizes = None if batch_sizes is None else np.asarray(batch_sizes, dtype=np.int64)
+        if self.batch_sizes is not None:
+            probs = np.asarray(bucket_probs, dtype=np.float64) / np.sum(bucket_probs)
+            per_record = float(np.sum(probs / self.batch_sizes))  # batches per record
+            self.window_records = int(min(max(window_batches / per_record, global_batch), epoch_records))
+            self.window_batches = expected_budget_batches(probs, self.batch_sizes, self.window_records)
+        else:
+            self.window_records = self.window_batches * global_batch
         self._lock = threading.Lock()
         self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -114,9 +199,10 @@ class BatchPlan:
         with self._lock:
             if k in self._cache:
                 return self._cache[k]
-            size = self.window_batches * self.global_batch
-            start = k * size
-            stop = min(start + size, self.num_batches * self.global_batch)
+            start = k * self.window_records
+            stop = start + self.window_records
+            if self.batch_sizes is None:
+                stop = min(stop, self.num_batches * self.global_batch)
             take = getattr(self.stream, "take", None)
             if take is not None:
                 recs = take(start, stop)
@@ -126,20 +212,24 @@ class BatchPlan:
                 )
             ids = assign_buckets(self.effective_lengths[recs], self.buckets)
             rng = np.random.default_rng([self.seed, 2, k])
-            batches, batch_buckets = plan_window(ids, len(self.buckets), self.global_batch, rng)
+            if self.batch_sizes is None:
+                batches, batch_buckets = plan_window(ids, len(self.buckets), self.global_batch, rng)
+            else:
+                batches, batch_buckets = plan_budget_window(ids, self.batch_sizes, self.window_batches, rng)
             if len(self._cache) >= 2:  # consumers move forward: keep the current and the next window
                 self._cache.pop(min(self._cache))
             self._cache[k] = (recs, batches, batch_buckets)
             return self._cache[k]
 
     def batch(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """(stream positions [G], record indices [G], padded length) of global batch `index`."""
+        """(stream positions [G], record indices [G], padded length) of global batch `index` (G rows:
+        `global_batch`, or with audio-budget batches the bucket's batch size)."""
         if not 0 <= index < self.num_batches:
             raise IndexError(f"batch {index} outside [0, {self.num_batches})")
         k, j = divmod(index, self.window_batches)
         recs, batches, batch_buckets = self._window(k)
         offsets = batches[j]
-        positions = k * self.window_batches * self.global_batch + offsets
+        positions = k * self.window_records + offsets
         return positions, recs[offsets], int(self.buckets[batch_buckets[j]])
 
 

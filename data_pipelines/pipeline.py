@@ -9,8 +9,9 @@ worker and resume is exact):
 
 1. `batching.BatchPlan`: the global record order (`sampling.shuffled_stream`, or
    `sampling.mixed_stream` for multilingual temperature sampling) cut into global batches of
-   `batch_size * shard_count` records from one length bucket; host `shard_index` takes rows
-   [shard_index * batch_size, (shard_index + 1) * batch_size).
+   `batch_size * shard_count` records from one length bucket (with `samples_per_batch`, the
+   bucket's audio-budget rows); host `shard_index` takes the `shard_index`-th of `shard_count`
+   equal parts of each batch's rows.
 2. `_ReadBatch`: reads those records (`grain.sources.ArrayRecordDataSource`), randomly crops
    records longer than `max_sample_size` (offset seeded by (seed, stream position): a record gets
    a new crop each epoch, the same one on resume), normalizes each utterance when asked, and
@@ -31,6 +32,8 @@ A state saved with worker processes restores only into a pipeline with the same 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 import pathlib
 from typing import Protocol
 
@@ -38,8 +41,10 @@ import grain
 import numpy as np
 
 from data_pipelines import audio, sampling
-from data_pipelines.batching import BatchPlan, EvalPlan, bucket_lengths
+from data_pipelines.batching import BatchPlan, EvalPlan, assign_buckets, budget_batch_sizes, bucket_lengths
 from data_pipelines.sources import AudioSource, PreparedSource
+
+log = logging.getLogger(__name__)
 
 
 class Targets(Protocol):
@@ -63,7 +68,7 @@ class Targets(Protocol):
 class PipelineConfig:
     """Knobs of the input pipeline (sizes in 16 kHz samples)."""
 
-    batch_size: int  # per host
+    batch_size: int  # per host (with samples_per_batch: unused by training batches, still the eval batch)
     seed: int = 0
     max_sample_size: int = 320_000  # 20 s: longer records are cropped (or dropped, for CTC)
     min_sample_size: int = 32_000  # 2 s: shorter records are dropped
@@ -72,6 +77,10 @@ class PipelineConfig:
     pad_multiple: int = 320  # bucket lengths are multiples of the conv stack's stride
     num_epochs: int | None = None  # None repeats forever
     language_alpha: float | None = None  # None: uniform over records; a float: XLS-R language sampling
+    # Audio-budget batches (fairseq max_tokens): a global batch from a bucket of length L has the most
+    # rows, a multiple of batch_multiple, with rows x L <= samples_per_batch. 0: `batch_size` rows per host.
+    samples_per_batch: int = 0
+    batch_multiple: int = 1  # global rows per batch are a multiple of this (and of the host count)
     window_batches: int = 1024  # global batches planned together (bucketing and batch shuffle scope)
     worker_count: int = 0  # decoding processes (grain mp_prefetch); 0 decodes in this process
     worker_buffer_size: int = 2  # batches each worker keeps ready
@@ -92,6 +101,11 @@ class PipelineConfig:
             problems.append(f"num_buckets must be in [1, 16], got {self.num_buckets}")
         if self.language_alpha is not None and self.num_epochs is not None:
             problems.append("language sampling repeats each language on its own: set num_epochs=None")
+        if self.samples_per_batch < 0 or self.batch_multiple < 1:
+            problems.append(f"need samples_per_batch >= 0 and batch_multiple >= 1, got {self.samples_per_batch}, "
+                            f"{self.batch_multiple}")
+        if self.samples_per_batch and self.num_epochs is not None:
+            problems.append("audio-budget batches (samples_per_batch) need num_epochs=None")
         if self.worker_count < 0 or self.read_threads < 0:
             problems.append("worker_count and read_threads must be >= 0")
         if problems:
@@ -113,13 +127,16 @@ def _crop_offset(seed: int, position: int, excess: int) -> int:
 class _ReadBatch:
     """Global batch index -> this host's raw padded batch (see `targets.py` for its keys)."""
 
-    def __init__(self, source: AudioSource, plan: BatchPlan, config: PipelineConfig, shard_index: int):
+    def __init__(self, source: AudioSource, plan: BatchPlan | EvalPlan, config: PipelineConfig, shard_index: int,
+                 shard_count: int):
         self.source, self.plan, self.config = source, plan, config
-        self.rows = slice(shard_index * config.batch_size, (shard_index + 1) * config.batch_size)
+        self.shard_index, self.shard_count = shard_index, shard_count
 
     def __call__(self, index: int) -> dict:
         positions, recs, padded = self.plan.batch(int(index))
-        positions, recs = positions[self.rows], recs[self.rows]
+        rows = len(recs) // self.shard_count  # every host reads the same number of rows
+        mine = slice(self.shard_index * rows, (self.shard_index + 1) * rows)
+        positions, recs = positions[mine], recs[mine]
         cfg = self.config
         values = np.zeros((len(recs), padded), dtype=np.float32)
         mask = np.zeros((len(recs), padded), dtype=np.int32)
@@ -177,10 +194,24 @@ def make_plan(source: AudioSource, config: PipelineConfig, crop: bool, shard_cou
         )
     effective = np.minimum(source.lengths, config.max_sample_size)
     buckets = bucket_lengths(effective[kept], config.num_buckets, config.pad_multiple)
+    kept_ids = assign_buckets(effective[kept], buckets)
     if config.language_alpha is None:
         stream = sampling.shuffled_stream(kept, config.seed, config.num_epochs)
+        bucket_probs = np.bincount(kept_ids, minlength=len(buckets)) / len(kept)
     else:
-        stream, _ = sampling.mixed_stream(kept, source.language_ids[kept], config.seed, config.language_alpha)
+        languages = source.language_ids[kept]
+        stream, weights = sampling.mixed_stream(kept, languages, config.seed, config.language_alpha)
+        # The stream's bucket mix: each language's own bucket shares, weighted by how often it is drawn.
+        bucket_probs = np.zeros(len(buckets))
+        for lang in np.flatnonzero(weights):
+            ids = kept_ids[languages == lang]
+            bucket_probs += weights[lang] * np.bincount(ids, minlength=len(buckets)) / len(ids)
+    batch_sizes = None
+    if config.samples_per_batch:
+        multiple = math.lcm(config.batch_multiple, shard_count)
+        batch_sizes = budget_batch_sizes(buckets, config.samples_per_batch, multiple)
+        log.info("audio-budget batches: bucket lengths %s samples -> %s global rows (budget %d samples, %.0f s)",
+                 buckets.tolist(), batch_sizes.tolist(), config.samples_per_batch, config.samples_per_batch / 16000)
     return BatchPlan(
         stream,
         effective,
@@ -189,6 +220,8 @@ def make_plan(source: AudioSource, config: PipelineConfig, crop: bool, shard_cou
         config.window_batches,
         config.seed,
         len(kept),
+        batch_sizes=batch_sizes,
+        bucket_probs=bucket_probs if batch_sizes is not None else None,
     )
 
 
@@ -205,7 +238,7 @@ def make_dataset(
         raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
     targets.check(config.min_sample_size)
     plan = make_plan(source, config, targets.crop, shard_count)
-    ds = grain.MapDataset.range(plan.num_batches).map(_ReadBatch(source, plan, config, shard_index))
+    ds = grain.MapDataset.range(plan.num_batches).map(_ReadBatch(source, plan, config, shard_index, shard_count))
     ds = ds.random_map(targets, seed=sampling.derived_seed(config.seed, 3, shard_index))
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_batches)
@@ -272,7 +305,7 @@ def eval_dataset(
     buckets = bucket_lengths(lengths, config.num_buckets, config.pad_multiple)
     plan = EvalPlan(lengths, buckets, config.batch_size * shard_count)
     whole = dataclasses.replace(config, max_sample_size=int(lengths.max()), min_sample_size=1)
-    ds = grain.MapDataset.range(plan.num_batches).map(_ReadBatch(source, plan, whole, shard_index))
+    ds = grain.MapDataset.range(plan.num_batches).map(_ReadBatch(source, plan, whole, shard_index, shard_count))
     ds = ds.random_map(targets, seed=sampling.derived_seed(config.seed, 3, shard_index))
     ds = ds.map_with_index(_MarkValid(plan, shard_index, config.batch_size))
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,

@@ -38,6 +38,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.data.vocab = ""  # "" builds WORKDIR/vocab.json from the train transcripts
     c.data.lowercase = True
     c.data.global_batch_size = 32
+    # Audio-budget batches (fairseq's max_tokens): padded samples per batch shard (data x fsdp device)
+    # per micro-batch; a bucket's global batch is then the most rows that fit. 0: global_batch_size rows.
+    c.data.max_tokens = 0
     c.data.max_sample_size = 480_000  # CTC drops longer utterances instead of cropping them
     c.data.min_sample_size = 16_000
     c.data.num_buckets = 4

@@ -43,6 +43,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.data.train_split = "train"
     c.data.eval_split = "dev"
     c.data.global_batch_size = 64
+    # Audio-budget batches (fairseq's max_tokens): padded samples per batch shard (data x fsdp device)
+    # per micro-batch; a bucket's global batch is then the most rows that fit. 0: global_batch_size rows.
+    c.data.max_tokens = 0
     c.data.max_sample_size = 160_000  # 10 s random crops: any part of an utterance has its language
     c.data.min_sample_size = 16_000
     c.data.num_buckets = 4

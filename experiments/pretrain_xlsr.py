@@ -31,6 +31,9 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
     c.data.train_split = "train"
     c.data.eval_split = "dev"
     c.data.global_batch_size = 256
+    # Audio-budget batches (fairseq's max_tokens): padded samples per batch shard (data x fsdp device)
+    # per micro-batch; a bucket's global batch is then the most rows that fit. 0: global_batch_size rows.
+    c.data.max_tokens = 0
     c.data.max_sample_size = 320_000  # 20 s crops
     c.data.min_sample_size = 32_000  # 2 s
     c.data.num_buckets = 3

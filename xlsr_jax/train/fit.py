@@ -20,10 +20,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from data_pipelines.batching import budget_batch_sizes
 from xlsr_jax.config import ConfigError, Wav2Vec2Config
 from xlsr_jax.parallel.hlo import CollectiveStats, collective_stats, count_sharding_annotations
 from xlsr_jax.parallel.mesh import build_mesh, check_mesh_covers, resolve_mesh_config
 from xlsr_jax.parallel.topology import Topology, topology_devices
+from xlsr_jax.train.loop import pipeline_config
 from xlsr_jax.train.metrics import device_peak_flops, train_flops_per_step
 from xlsr_jax.train.program import TrainProgram, abstract_batch, build_program
 from xlsr_jax.tasks import make_task
@@ -273,7 +275,11 @@ def fit(config: ml_collections.ConfigDict, topology: Topology | None = None, dev
         target, hbm = f"{len(devices)} {devices[0].platform.upper()} devices", None
     program = fit_program(config, devices)
     samples = int(num_samples or config.data.max_sample_size)
-    return program, compile_once(program, config.data.global_batch_size, samples, hbm, target, dump_dir=dump_dir)
+    batch = config.data.global_batch_size
+    budget = pipeline_config(config, 1, mesh=program.mesh)
+    if budget.samples_per_batch:  # data.max_tokens: the rows the budget gives a batch of this length
+        batch = int(budget_batch_sizes(np.asarray([samples]), budget.samples_per_batch, budget.batch_multiple)[0])
+    return program, compile_once(program, batch, samples, hbm, target, dump_dir=dump_dir)
 
 
 def format_report(report: FitReport) -> list[str]:

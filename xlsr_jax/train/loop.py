@@ -175,9 +175,19 @@ def resolve_data_dir(data_dir: str, workdir: epath.Path) -> pathlib.Path:
     return target
 
 
-def pipeline_config(config: ml_collections.ConfigDict, per_host_batch: int, split_seed_offset: int = 0):
+def pipeline_config(config: ml_collections.ConfigDict, per_host_batch: int, split_seed_offset: int = 0,
+                    mesh: jax.sharding.Mesh | None = None):
+    """The input pipeline's settings; with `mesh` (training batches) and `data.max_tokens` > 0, batches
+    by audio budget: `max_tokens` padded samples per batch shard (data x fsdp device) per micro-batch,
+    fairseq's per-GPU `max_tokens`, so a global batch holds max_tokens x shards x accum_steps samples."""
     d = config.data
+    budget = {}
+    max_tokens = int(d.get("max_tokens", 0) or 0)
+    if mesh is not None and max_tokens:
+        rows = mesh.shape["data"] * mesh.shape["fsdp"] * int(config.train.get("accum_steps", 1))
+        budget = {"samples_per_batch": max_tokens * rows, "batch_multiple": rows}
     return PipelineConfig(
+        **budget,
         batch_size=per_host_batch,
         seed=d.seed + split_seed_offset,
         max_sample_size=d.max_sample_size,
@@ -211,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         log.info("%s; %s, %s parameters", describe_job(mesh, global_batch), config.model.preset,
                  f"{program.num_params:,}")
 
-    train_iter = iter(prepared_dataset(data_dir, config.data.train_split, pipeline_config(config, per_host),
+    train_iter = iter(prepared_dataset(data_dir, config.data.train_split, pipeline_config(config, per_host, mesh=mesh),
                                        task.train_targets))
     best, best_mode = best_metric(config, task)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
@@ -242,7 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             # Host bookkeeping from the per-row lengths (never the [B, samples] mask): every host reads
             # the same number of rows, so this host's audio x process count is the step's.
             audio_since_log += float(np.sum(host_batch["lengths"])) * jax.process_count() / 16000.0
-            flops_since_log += train_flops_per_step(model_config, program.num_params, global_batch,
+            rows = host_batch["input_values"].shape[0] * jax.process_count()  # varies with data.max_tokens
+            flops_since_log += train_flops_per_step(model_config, program.num_params, rows,
                                                     host_batch["input_values"].shape[1])
             batch = to_global_batch({k: host_batch[k] for k in task.step_keys}, mesh, program.rules, task.batch_axes)
             state, metrics = program.train_step(state, batch)
