@@ -49,8 +49,29 @@ def bucket_lengths(lengths: np.ndarray, num_buckets: int, multiple: int = 320) -
     return np.unique(-(-qs.astype(np.int64) // multiple) * multiple)
 
 
-def assign_buckets(lengths: np.ndarray, buckets: np.ndarray) -> np.ndarray:
-    """Index of the shortest bucket that holds each length."""
+def crop_bucket_lengths(lengths: np.ndarray, num_buckets: int, multiple: int = 320) -> np.ndarray:
+    """Crop length of each bucket, ascending, for batches cropped to their bucket (no padding):
+    lower length quantiles rounded down to `multiple`, the first at the shortest record."""
+    lengths = np.asarray(lengths)
+    if len(lengths) == 0:
+        raise ValueError("cannot bucket zero lengths")
+    if num_buckets < 1 or multiple < 1:
+        raise ValueError(f"num_buckets and multiple must be >= 1, got {num_buckets}, {multiple}")
+    qs = np.quantile(lengths, np.arange(num_buckets) / num_buckets, method="lower")
+    edges = np.unique(qs.astype(np.int64) // multiple * multiple)
+    if edges[0] < multiple:
+        raise ValueError(f"records shorter than {multiple} samples cannot be cropped to a bucket")
+    return edges
+
+
+def assign_buckets(lengths: np.ndarray, buckets: np.ndarray, crop: bool = False) -> np.ndarray:
+    """Index of the shortest bucket that holds each length (with `crop`, of the longest bucket the
+    length covers: the record is cropped to it)."""
+    if crop:
+        ids = np.searchsorted(buckets, lengths, side="right") - 1
+        if (ids < 0).any():
+            raise ValueError(f"a length is shorter than the shortest crop bucket {buckets[0]}")
+        return ids
     ids = np.searchsorted(buckets, lengths, side="left")
     if (ids >= len(buckets)).any():
         raise ValueError(f"a length exceeds the longest bucket {buckets[-1]}")
@@ -145,12 +166,17 @@ class BatchPlan:
         epoch_records: int,
         batch_sizes: np.ndarray | None = None,
         bucket_probs: np.ndarray | None = None,
+        crop_to_bucket: bool = False,
     ):
         """`effective_lengths[r]`: samples record r has after cropping; `epoch_records`: records per epoch.
 
         Audio-budget batches: `batch_sizes[b]` global rows in bucket b (`budget_batch_sizes`) and
         `bucket_probs[b]`, the share of the stream's records in bucket b; `global_batch` is then the
         largest batch and the stream must be infinite.
+
+        `crop_to_bucket`: `buckets` are crop lengths (`crop_bucket_lengths`) and a record joins the
+        longest bucket it covers; buckets fill longest first and leftovers move down, so every row
+        of a batch is at least its bucket's length and the batch needs no padding.
         """
         if batch_sizes is not None:
             if bucket_probs is None or len(batch_sizes) != len(buckets) or len(bucket_probs) != len(buckets):
@@ -171,6 +197,7 @@ class BatchPlan:
         self.global_batch = global_batch
         # About one epoch per window when the split is small, bounded so a window stays cheap to plan.
         self.window_batches = max(1, min(window_batches, epoch_records // global_batch))
+        self.crop_to_bucket = crop_to_bucket
         self.seed = seed
         self.num_batches = sys.maxsize if len(stream) >= sys.maxsize else len(stream) // global_batch
         self.batch_sizes = None if batch_sizes is None else np.asarray(batch_sizes, dtype=np.int64)
@@ -178,7 +205,8 @@ class BatchPlan:
             probs = np.asarray(bucket_probs, dtype=np.float64) / np.sum(bucket_probs)
             per_record = float(np.sum(probs / self.batch_sizes))  # batches per record
             self.window_records = int(min(max(window_batches / per_record, global_batch), epoch_records))
-            self.window_batches = expected_budget_batches(probs, self.batch_sizes, self.window_records)
+            order = slice(None, None, -1) if crop_to_bucket else slice(None)  # the order buckets fill in
+            self.window_batches = expected_budget_batches(probs[order], self.batch_sizes[order], self.window_records)
         else:
             self.window_records = self.window_batches * global_batch
         self._lock = threading.Lock()
@@ -210,12 +238,17 @@ class BatchPlan:
                 recs = np.fromiter(
                     (self.stream[i] for i in range(start, stop)), dtype=np.int64, count=stop - start
                 )
-            ids = assign_buckets(self.effective_lengths[recs], self.buckets)
+            ids = assign_buckets(self.effective_lengths[recs], self.buckets, crop=self.crop_to_bucket)
+            sizes, last = self.batch_sizes, len(self.buckets) - 1
+            if self.crop_to_bucket:  # plan in reverse bucket order: fill longest first, leftovers move down
+                ids, sizes = last - ids, None if sizes is None else sizes[::-1]
             rng = np.random.default_rng([self.seed, 2, k])
-            if self.batch_sizes is None:
+            if sizes is None:
                 batches, batch_buckets = plan_window(ids, len(self.buckets), self.global_batch, rng)
             else:
-                batches, batch_buckets = plan_budget_window(ids, self.batch_sizes, self.window_batches, rng)
+                batches, batch_buckets = plan_budget_window(ids, sizes, self.window_batches, rng)
+            if self.crop_to_bucket:
+                batch_buckets = last - batch_buckets
             if len(self._cache) >= 2:  # consumers move forward: keep the current and the next window
                 self._cache.pop(min(self._cache))
             self._cache[k] = (recs, batches, batch_buckets)

@@ -41,7 +41,8 @@ import grain
 import numpy as np
 
 from data_pipelines import audio, sampling
-from data_pipelines.batching import BatchPlan, EvalPlan, assign_buckets, budget_batch_sizes, bucket_lengths
+from data_pipelines.batching import (BatchPlan, EvalPlan, assign_buckets, bucket_lengths, budget_batch_sizes,
+                                    crop_bucket_lengths)
 from data_pipelines.sources import AudioSource, PreparedSource
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,14 @@ class PipelineConfig:
     min_sample_size: int = 32_000  # 2 s: shorter records are dropped
     normalize: bool = False  # zero mean, unit variance per utterance (fairseq `normalize`, HF do_normalize)
     num_buckets: int = 3  # distinct padded lengths, i.e. compiled programs (fairseq TPU: 3)
+    # Crop every row of a batch to its bucket's length, at most its shortest row's: no padding at all.
+    # fairseq's pad=False crops each batch to its shortest utterance; group-norm models (wav2vec 2.0
+    # base) normalize the first conv over time, padding included, so they need it.
+    crop_to_bucket: bool = False
     pad_multiple: int = 320  # bucket lengths are multiples of the conv stack's stride
     num_epochs: int | None = None  # None repeats forever
     language_alpha: float | None = None  # None: uniform over records; a float: XLS-R language sampling
+    language_sampling: str = "records"  # what n_l counts in p_l ~ (n_l / N)^alpha: "records" or "hours" (XLS-R)
     # Audio-budget batches (fairseq max_tokens): a global batch from a bucket of length L has the most
     # rows, a multiple of batch_multiple, with rows x L <= samples_per_batch. 0: `batch_size` rows per host.
     samples_per_batch: int = 0
@@ -99,6 +105,8 @@ class PipelineConfig:
             )
         if not 1 <= self.num_buckets <= 16:
             problems.append(f"num_buckets must be in [1, 16], got {self.num_buckets}")
+        if self.language_sampling not in ("records", "hours"):
+            problems.append(f"language_sampling must be 'records' or 'hours', got {self.language_sampling!r}")
         if self.language_alpha is not None and self.num_epochs is not None:
             problems.append("language sampling repeats each language on its own: set num_epochs=None")
         if self.samples_per_batch < 0 or self.batch_multiple < 1:
@@ -138,14 +146,15 @@ class _ReadBatch:
         mine = slice(self.shard_index * rows, (self.shard_index + 1) * rows)
         positions, recs = positions[mine], recs[mine]
         cfg = self.config
+        limit = padded if cfg.crop_to_bucket else cfg.max_sample_size
         values = np.zeros((len(recs), padded), dtype=np.float32)
         mask = np.zeros((len(recs), padded), dtype=np.int32)
         lengths = np.zeros(len(recs), dtype=np.int64)
         texts = []
         for i, ((wave, text), pos) in enumerate(zip(self.source.read(recs), positions)):
-            if len(wave) > cfg.max_sample_size:
-                start = _crop_offset(cfg.seed, pos, len(wave) - cfg.max_sample_size)
-                wave = wave[start : start + cfg.max_sample_size]
+            if len(wave) > limit:
+                start = _crop_offset(cfg.seed, pos, len(wave) - limit)
+                wave = wave[start : start + limit]
             n = len(wave)
             row = values[i, :n]
             row[:] = wave  # int16 -> float32 of the kept samples only
@@ -193,14 +202,22 @@ def make_plan(source: AudioSource, config: PipelineConfig, crop: bool, shard_cou
             f"max_sample_size={config.max_sample_size}] samples"
         )
     effective = np.minimum(source.lengths, config.max_sample_size)
-    buckets = bucket_lengths(effective[kept], config.num_buckets, config.pad_multiple)
-    kept_ids = assign_buckets(effective[kept], buckets)
+    if config.crop_to_bucket:
+        if not crop:
+            raise ValueError("crop_to_bucket crops audio, which this task's targets (e.g. transcripts) forbid")
+        buckets = crop_bucket_lengths(effective[kept], config.num_buckets, config.pad_multiple)
+    else:
+        buckets = bucket_lengths(effective[kept], config.num_buckets, config.pad_multiple)
+    kept_ids = assign_buckets(effective[kept], buckets, crop=config.crop_to_bucket)
     if config.language_alpha is None:
         stream = sampling.shuffled_stream(kept, config.seed, config.num_epochs)
         bucket_probs = np.bincount(kept_ids, minlength=len(buckets)) / len(kept)
     else:
         languages = source.language_ids[kept]
-        stream, weights = sampling.mixed_stream(kept, languages, config.seed, config.language_alpha)
+        by_hours = config.language_sampling == "hours"
+        stream, weights = sampling.mixed_stream(kept, languages, config.seed, config.language_alpha,
+                                                lengths=source.lengths[kept] if by_hours else None,
+                                                trained_lengths=effective[kept] if by_hours else None)
         # The stream's bucket mix: each language's own bucket shares, weighted by how often it is drawn.
         bucket_probs = np.zeros(len(buckets))
         for lang in np.flatnonzero(weights):
@@ -222,6 +239,7 @@ def make_plan(source: AudioSource, config: PipelineConfig, crop: bool, shard_cou
         len(kept),
         batch_sizes=batch_sizes,
         bucket_probs=bucket_probs if batch_sizes is not None else None,
+        crop_to_bucket=config.crop_to_bucket,
     )
 
 
@@ -304,7 +322,7 @@ def eval_dataset(
         raise ValueError("the evaluation split has no records")
     buckets = bucket_lengths(lengths, config.num_buckets, config.pad_multiple)
     plan = EvalPlan(lengths, buckets, config.batch_size * shard_count)
-    whole = dataclasses.replace(config, max_sample_size=int(lengths.max()), min_sample_size=1)
+    whole = dataclasses.replace(config, max_sample_size=int(lengths.max()), min_sample_size=1, crop_to_bucket=False)
     ds = grain.MapDataset.range(plan.num_batches).map(_ReadBatch(source, plan, whole, shard_index, shard_count))
     ds = ds.random_map(targets, seed=sampling.derived_seed(config.seed, 3, shard_index))
     ds = ds.map_with_index(_MarkValid(plan, shard_index, config.batch_size))

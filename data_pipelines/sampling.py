@@ -7,7 +7,10 @@ host; `batching.BatchPlan` cuts it into global batches and each host reads only 
 - `mixed_stream`: XLS-R's multilingual sampling. Each language is its own shuffled, endlessly
   repeated source; grain's `MapDataset.mix` interleaves them with weights p_l proportional to
   (n_l / N)^alpha. alpha=1 keeps the natural proportions, alpha=0 is uniform over languages, and
-  XLS-R used alpha=0.5 to upsample low-resource languages.
+  XLS-R used alpha=0.5 to upsample low-resource languages. n_l counts records, or with
+  `lengths` the language's audio (XLS-R counts hours): p_l is then each language's share of the
+  *audio* drawn, and records are mixed with weights p_l / (mean record length of l), since clip
+  lengths differ several-fold between corpora.
 """
 
 from __future__ import annotations
@@ -95,11 +98,16 @@ def mixed_stream(
     seed: int,
     alpha: float = 0.5,
     weights: np.ndarray | None = None,
+    lengths: np.ndarray | None = None,
+    trained_lengths: np.ndarray | None = None,
 ) -> tuple[grain.MapDataset, np.ndarray]:
-    """(infinite stream over `records` mixing languages by temperature, per-language target weights).
+    """(infinite stream over `records` mixing languages by temperature, per-language record weights).
 
-    `language_ids[i]` is the language of `records[i]`. Returns the weights indexed by language id
-    (zero for languages absent from `records`). Pass `weights` to override the temperature rule.
+    `language_ids[i]` is the language of `records[i]`. Returns the probability that a drawn record
+    is of each language, indexed by language id (zero for languages absent from `records`). Pass
+    `weights` to override the temperature rule. With `lengths[i]` (samples of `records[i]`), the
+    rule weighs languages by audio, and `weights` or (n_l / N)^alpha are target shares of the audio
+    drawn, measured in `trained_lengths` (what a record contributes after cropping; default `lengths`).
     """
     records = np.asarray(records, dtype=np.int64)
     language_ids = np.asarray(language_ids)
@@ -107,9 +115,15 @@ def mixed_stream(
         raise ValueError(f"records {records.shape} and language_ids {language_ids.shape} differ in shape")
     num_languages = int(language_ids.max()) + 1 if len(language_ids) else 0
     counts = np.bincount(language_ids, minlength=num_languages)
-    target = language_weights(counts, alpha) if weights is None else np.asarray(weights, np.float64)
+    amounts = counts if lengths is None else np.bincount(language_ids, weights=lengths, minlength=num_languages)
+    target = language_weights(amounts, alpha) if weights is None else np.asarray(weights, np.float64)
     if target.shape != counts.shape:
         raise ValueError(f"weights must have one entry per language id ({len(counts)}), got {target.shape}")
+    if lengths is not None:  # audio shares -> record weights: divide by each language's mean trained length
+        trained = lengths if trained_lengths is None else trained_lengths
+        audio = np.bincount(language_ids, weights=trained, minlength=num_languages)
+        mean = np.divide(audio, counts, out=np.ones(num_languages), where=counts > 0)
+        target = np.where(counts > 0, target / mean, 0.0)
     present = [lang for lang in range(num_languages) if counts[lang] > 0 and target[lang] > 0]
     if not present:
         raise ValueError("no language has both records and a positive weight")

@@ -25,11 +25,11 @@ def _source(n=20_000, seed=0, languages=3):
     return types.SimpleNamespace(lengths=lengths, language_ids=language_ids, __len__=lambda: n)
 
 
-@pytest.mark.parametrize("alpha", [None, 0.5])
-def test_budget_batches_hold_the_audio_per_update_in_a_band(alpha):
+@pytest.mark.parametrize("alpha,sampling", [(None, "records"), (0.5, "records"), (0.5, "hours")])
+def test_budget_batches_hold_the_audio_per_update_in_a_band(alpha, sampling):
     budget, multiple, hosts = 8 * 1_200_000, 8, 2
     config = PipelineConfig(batch_size=1, samples_per_batch=budget, batch_multiple=multiple, num_buckets=4,
-                            language_alpha=alpha, window_batches=128)
+                            language_alpha=alpha, language_sampling=sampling, window_batches=128)
     plan = make_plan(_source(), config, crop=True, shard_count=hosts)
     assert len(set(plan.batch_sizes.tolist())) == len(plan.buckets) >= 3  # a batch size per bucket
     positions, shapes = [], set()
@@ -122,3 +122,35 @@ def test_fit_compiles_the_longest_bucket_at_the_budgets_rows(capsys):
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and summary["global_batch"] == 6 and summary["num_samples"] == 48_000, summary
+
+
+@pytest.mark.parametrize("budget", [0, 4 * 320_000])
+def test_crop_to_bucket_batches_have_no_padding_and_lose_no_record(budget):
+    """Group-norm models (fairseq pad=False): every row is cropped to its batch's bucket, which is at
+    most the batch's shortest record, so no row is padded; with fixed batches each window still
+    trains every record once."""
+    src = _source(n=600, seed=1)
+    config = PipelineConfig(batch_size=4, crop_to_bucket=True, num_buckets=4, samples_per_batch=budget,
+                            batch_multiple=2, min_sample_size=16_000, max_sample_size=320_000, window_batches=16)
+    plan = make_plan(src, config, crop=True, shard_count=2)
+    effective = np.minimum(src.lengths, 320_000)
+    assert plan.buckets[0] <= effective.min() and len(plan.buckets) == 4
+    recs_seen = []
+    for i in range(2 * plan.window_batches):
+        _, recs, length = plan.batch(i)
+        assert length in plan.buckets and (effective[recs] >= length).all()  # cropped, never padded
+        if budget:
+            assert len(recs) * length <= budget
+        recs_seen.append(recs)
+    if not budget:  # fixed batches: a window is a whole number of batches, each record once
+        window = np.concatenate(recs_seen[: plan.window_batches])
+        assert len(np.unique(window)) == len(window) == plan.window_records
+    with pytest.raises(ValueError, match="transcripts"):
+        make_plan(src, config, crop=False, shard_count=2)
+
+
+def test_crop_to_bucket_pipeline_rows_are_all_real_audio(data_dir):
+    config = _config(samples_per_batch=0, batch_size=4, crop_to_bucket=True, max_sample_size=32_000)
+    for batch in _take(iter(prepared_dataset(data_dir, "train", config, PretrainTargets(MODEL))), 8):
+        assert batch["attention_mask"].all() and (batch["lengths"] == batch["input_values"].shape[1]).all()
+        assert (np.abs(batch["input_values"][:, -50:]).sum(axis=1) > 0).all()  # audio to the last sample

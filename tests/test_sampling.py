@@ -37,6 +37,30 @@ def test_realized_proportions_match_targets_over_a_long_sample():
     assert realized[3] > 5 * natural[3] and realized[0] < natural[0]
 
 
+def test_sampling_by_hours_gives_each_language_its_target_share_of_the_audio():
+    """XLS-R weighs languages by hours: with clips 4x longer in one corpus, counting records would
+    give that language 4x too little audio; by hours each language's audio share is its target."""
+    rng = np.random.default_rng(0)
+    counts = {0: 4000, 1: 1000, 2: 200}
+    language_ids = np.concatenate([np.full(n, lang) for lang, n in counts.items()])
+    mean_seconds = np.array([2.0, 8.0, 4.0])[language_ids]  # language 1: 4x longer clips
+    lengths = (rng.uniform(0.5, 1.5, len(language_ids)) * mean_seconds * 16_000).astype(np.int64)
+    trained = np.minimum(lengths, 160_000)  # 10 s crops: the audio a record contributes
+    hours = np.bincount(language_ids, weights=lengths)
+    target_audio = language_weights(hours, 0.5)
+    stream, record_weights = mixed_stream(np.arange(len(lengths)), language_ids, seed=1, alpha=0.5,
+                                          lengths=lengths, trained_lengths=trained)
+    sample = np.array([stream[i] for i in range(60_000)])
+    audio = np.bincount(language_ids[sample], weights=trained[sample], minlength=3)
+    np.testing.assert_allclose(audio / audio.sum(), target_audio, rtol=0.03)
+    realized_records = np.bincount(language_ids[sample], minlength=3) / len(sample)
+    np.testing.assert_allclose(realized_records, record_weights, rtol=MIX_RELATIVE_TOLERANCE)
+    # Counting records instead misses the target audio share of the long-clip language by far.
+    by_records = language_weights(np.bincount(language_ids), 0.5)
+    audio_by_records = by_records * np.bincount(language_ids, weights=trained) / np.bincount(language_ids)
+    assert abs(audio_by_records[1] / audio_by_records.sum() - target_audio[1]) > 0.1
+
+
 def test_each_language_is_an_epoch_wise_shuffle():
     language_ids = np.array([0] * 30 + [1] * 7)
     stream, _ = mixed_stream(np.arange(37), language_ids, seed=0, alpha=0.5)

@@ -194,7 +194,9 @@ def pipeline_config(config: ml_collections.ConfigDict, per_host_batch: int, spli
         min_sample_size=d.min_sample_size,
         normalize=d.normalize,
         num_buckets=d.num_buckets,
+        crop_to_bucket=bool(d.get("crop_to_bucket", False)),
         language_alpha=d.get("language_alpha", None),
+        language_sampling=d.get("language_sampling", "records"),
         worker_count=d.get("worker_count", 0),
         num_epochs=None,
     )
