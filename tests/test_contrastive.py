@@ -16,7 +16,7 @@ import xlsr_jax.models.quantizer as quantizer_module
 from xlsr_jax.config import get_preset
 from xlsr_jax.convert.hf import state_dict_to_params
 from xlsr_jax.models.heads import build_model, init_params
-from xlsr_jax.objectives.contrastive import PretrainingBatch, gumbel_temperature, pretraining_loss
+from xlsr_jax.objectives.contrastive import PretrainingBatch, contrastive_loss, gumbel_temperature, pretraining_loss
 from xlsr_jax.objectives.masking import compute_span_mask, sample_negatives
 
 NO_DROPOUT = dict(hidden_dropout=0.0, activation_dropout=0.0, attention_dropout=0.0, feat_proj_dropout=0.0,
@@ -117,3 +117,38 @@ def test_negative_equal_to_positive_is_masked_out():
     _, m_self = pretraining_loss(model, params, b.replace(sampled_negatives=self_negs), 2.0, deterministic=True)
     assert float(m["contrastive_loss"]) > 1.0
     assert float(m_self["contrastive_loss"]) == 0.0 and float(m_self["accuracy"]) == 1.0
+
+
+def test_per_shard_perplexity_matches_a_hand_computation_per_group():
+    """perplexity_groups=2 (fairseq's per-GPU codebook perplexity on 2 GPUs): each half of the batch
+    gets its own perplexity over its own masked frames, and the diversity term weighs each half by
+    its masked frames; groups=1 is the whole batch's perplexity."""
+    config = get_preset("tiny", **NO_DROPOUT)
+    params = init_params(config, "pretraining")
+    b = _pretraining_batch(config)
+    model = build_model(config, "pretraining")
+    outputs = model.apply({"params": params}, b.input_values, b.attention_mask, mask_time_indices=b.mask_time_indices,
+                          temperature=2.0, deterministic=True)
+    logits = np.asarray(outputs.quantizer.logits, np.float64)  # [B, T, G, V]
+    mask = np.asarray(b.mask_time_indices)
+
+    def ppl(rows):
+        p = np.exp(logits[rows] - logits[rows].max(-1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        m = mask[rows]
+        marginal = (p * m[..., None, None]).sum((0, 1)) / m.sum()
+        return float(np.exp(-(marginal * np.log(marginal)).sum(-1)).sum())
+
+    num_vars = config.num_codevector_groups * config.num_codevectors_per_group
+    loss1, m1 = contrastive_loss(outputs, b.mask_time_indices, b.sampled_negatives, config)
+    loss2, m2 = contrastive_loss(outputs, b.mask_time_indices, b.sampled_negatives, config, perplexity_groups=2)
+    halves = [ppl(slice(0, 1)), ppl(slice(1, 2))]
+    assert float(m1["prob_perplexity"]) == pytest.approx(ppl(slice(0, 2)), rel=1e-4)
+    assert float(m2["prob_perplexity"]) == pytest.approx(np.mean(halves), rel=1e-4)
+    masked = mask.sum(1)
+    diversity_sum = sum((num_vars - h) / num_vars * n for h, n in zip(halves, masked))
+    expected = float(loss1) + config.diversity_loss_weight * (diversity_sum - float(m1["diversity_loss"]) * masked.sum())
+    assert float(loss2) == pytest.approx(expected, rel=1e-4)
+    assert float(m2["prob_perplexity"]) < float(m1["prob_perplexity"])  # a half uses fewer codes than the whole
+    with pytest.raises(ValueError, match="does not divide"):
+        contrastive_loss(outputs, b.mask_time_indices, b.sampled_negatives, config, perplexity_groups=3)

@@ -119,6 +119,14 @@ def test_weight_decay_mask_and_freezing():
     enc = mask["wav2vec2"]["encoder"]
     assert enc["layers"]["attention"]["q_proj"]["kernel"] and not enc["layers"]["attention"]["q_proj"]["bias"]
     assert not enc["layers"]["layer_norm"]["scale"] and not enc["pos_conv_embed"]["weight_g"]
+    # fairseq decays every parameter: with decay_all_params a LayerNorm scale (init 1) with zero gradient shrinks.
+    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+    for decay_all in (False, True):
+        tx, _ = make_optimizer(dict(OPTIM, decay_all_params=decay_all, warmup_steps=0))
+        updates, _ = tx.update(zero, tx.init(params), params)
+        scale = updates["wav2vec2"]["encoder"]["layers"]["layer_norm"]["scale"]
+        kernel = updates["wav2vec2"]["encoder"]["layers"]["attention"]["q_proj"]["kernel"]
+        assert float(jnp.abs(kernel).max()) > 0 and (float(jnp.abs(scale).max()) > 0) == decay_all
     optimizer, _ = make_optimizer(dict(OPTIM, freeze_feature_encoder=True, freeze_encoder_steps=2))
     opt_state = optimizer.init(params)
     grads = jax.tree_util.tree_map(jnp.ones_like, params)

@@ -52,10 +52,17 @@ def contrastive_loss(
     sampled_negatives: jax.Array,
     config: Wav2Vec2Config,
     feature_penalty_weight: float = 0.0,
+    perplexity_groups: int = 1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(total loss, metrics) with sum reduction over masked frames, as fairseq's `wav2vec` criterion.
 
     total = InfoNCE + diversity_loss_weight * diversity * num_masked + feature_penalty_weight * pen * num_masked
+
+    `perplexity_groups` = S splits the batch rows into S contiguous groups (a batch shard's rows
+    each, when S is the number of batch shards) with a codebook perplexity and diversity term each,
+    weighted by the group's masked frames: fairseq computes them per GPU, a stronger push to use
+    the whole codebook than the global batch's perplexity. The metrics report the mean over groups,
+    as fairseq logs the mean over workers.
     """
     mask = mask_time_indices.astype(bool)
     num_masked = mask.sum().astype(jnp.float32)
@@ -78,11 +85,23 @@ def contrastive_loss(
     # Diversity: the soft assignment (no noise, no temperature), averaged over masked frames.
     q = outputs.quantizer
     groups, entries = q.logits.shape[-2:]
-    soft = jax.nn.softmax(q.logits, axis=-1)
-    prob_perplexity = _perplexity(soft, mask)
-    code_perplexity = _perplexity(jax.nn.one_hot(jnp.argmax(q.logits, -1), entries), mask)
+    rows = mask.shape[0]
+    if perplexity_groups < 1 or rows % perplexity_groups:
+        raise ValueError(f"perplexity_groups={perplexity_groups} does not divide the {rows} rows of a (micro-)batch")
+
+    def per_group(x):  # [B, ...] -> [S, B / S, ...]
+        return x.reshape(perplexity_groups, rows // perplexity_groups, *x.shape[1:])
+
+    soft = per_group(jax.nn.softmax(q.logits, axis=-1))
+    hard = per_group(jax.nn.one_hot(jnp.argmax(q.logits, -1), entries))
+    group_mask = per_group(mask)
+    prob_ppl = jax.vmap(_perplexity)(soft, group_mask)  # [S]
+    code_ppl = jax.vmap(_perplexity)(hard, group_mask)
     num_vars = groups * entries
-    diversity = (num_vars - prob_perplexity) / num_vars
+    group_masked = group_mask.sum(axis=(1, 2)).astype(jnp.float32)
+    # sum_s diversity_s * masked_s, written as one diversity times num_masked as with a single group.
+    diversity = jnp.sum((num_vars - prob_ppl) / num_vars * group_masked) / jnp.maximum(num_masked, 1.0)
+    prob_perplexity, code_perplexity = prob_ppl.mean(), code_ppl.mean()
 
     # fairseq's features_pen: mean squared conv feature (here over real frames only).
     feats = outputs.encoder.conv_features.astype(jnp.float32)
@@ -116,6 +135,7 @@ def pretraining_loss(
     rng: jax.Array | None = None,
     deterministic: bool = False,
     feature_penalty_weight: float = 0.0,
+    perplexity_groups: int = 1,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Forward the pretraining head on a batch and return (loss, metrics).
 
@@ -138,7 +158,8 @@ def pretraining_loss(
         rngs=rngs,
     )
     loss, metrics = contrastive_loss(
-        outputs, batch.mask_time_indices, batch.sampled_negatives, model.config, feature_penalty_weight
+        outputs, batch.mask_time_indices, batch.sampled_negatives, model.config, feature_penalty_weight,
+        perplexity_groups,
     )
     metrics["temperature"] = jnp.asarray(temperature, jnp.float32)
     return loss, metrics
@@ -156,13 +177,15 @@ class ContrastiveObjective:
     gumbel_floor: float = flax.struct.field(pytree_node=False, default=0.5)
     gumbel_decay: float = flax.struct.field(pytree_node=False, default=0.999995)
     feature_penalty_weight: float = flax.struct.field(pytree_node=False, default=0.0)
+    perplexity_groups: int = flax.struct.field(pytree_node=False, default=1)  # see `contrastive_loss`
 
     def __call__(self, model, params, batch, step, rng, deterministic=False):
         if not isinstance(batch, PretrainingBatch):
             batch = PretrainingBatch(batch["input_values"], batch["attention_mask"], batch["mask_time_indices"],
                                      batch["sampled_negatives"])
         tau = gumbel_temperature(step, self.gumbel_start, self.gumbel_floor, self.gumbel_decay)
-        loss, metrics = pretraining_loss(model, params, batch, tau, rng, deterministic, self.feature_penalty_weight)
+        loss, metrics = pretraining_loss(model, params, batch, tau, rng, deterministic, self.feature_penalty_weight,
+                                         self.perplexity_groups)
         metrics = dict(metrics)
         metrics.pop("loss")  # the step reports the normalized total
         metrics["contrastive_loss"] = metrics["contrastive_loss"] / jnp.maximum(metrics["num_masked"], 1.0)

@@ -66,7 +66,8 @@ def make(config: ml_collections.ConfigDict, model_config: Wav2Vec2Config, data_d
     del data_dir, workdir
     d, o = config.data, config.objective
     objective = ContrastiveObjective(gumbel_start=o.gumbel_start, gumbel_floor=o.gumbel_floor,
-                                     gumbel_decay=o.gumbel_decay, feature_penalty_weight=o.feature_penalty_weight)
+                                     gumbel_decay=o.gumbel_decay, feature_penalty_weight=o.feature_penalty_weight,
+                                     perplexity_groups=int(o.get("perplexity_groups", 1)))
     return Task(
         name="pretraining", model_config=model_config, objective=objective,
         train_targets=PretrainTargets(model_config, mask_prob=d.mask_prob, seed=d.seed),

@@ -1,7 +1,8 @@
 """Optimizer and learning-rate schedules (fairseq's polynomial decay and tri-stage, cosine).
 
-AdamW with decoupled weight decay masked off biases, norm scales and the weight-norm magnitude;
-global-norm clipping; the conv feature encoder can be frozen for good and the whole encoder until
+AdamW with decoupled weight decay masked off biases, norm scales and the weight-norm magnitude
+(or on every parameter, as fairseq's Adam does: `decay_all_params`); global-norm clipping
+(`clip_norm` 0: none, fairseq's default); the conv feature encoder can be frozen for good and the whole encoder until
 a step (no update, no weight decay, no moments advanced).
 """
 
@@ -109,7 +110,8 @@ def make_optimizer(cfg: Mapping) -> tuple[optax.GradientTransformation, optax.Sc
 
     def adamw(lr):
         return optax.adamw(lr, b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.98), eps=cfg.get("eps", 1e-6),
-                           weight_decay=cfg.get("weight_decay", 0.01), mask=decay_mask)
+                           weight_decay=cfg.get("weight_decay", 0.01),
+                           mask=None if cfg.get("decay_all_params", False) else decay_mask)
 
     frozen_steps = int(cfg.get("freeze_encoder_steps", 0) or 0)
     freeze_features = bool(cfg.get("freeze_feature_encoder", False))
