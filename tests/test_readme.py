@@ -30,6 +30,7 @@ def substitutions(tmp: pathlib.Path) -> list[tuple[str, str]]:
         ("experiments/", f"{ROOT}/experiments/"),
         (".py:xlsr_300m", ".py:smoke"),
         ("v5p-128", "v5e-8"),
+        ("--config.train.accum_steps=2", "--config.train.accum_steps=1"),  # the smoke batch on 8 devices
         ("gs://my-bucket/", f"{tmp}/bucket/"),
         ("gcloud storage cat", "cat"),
         ("/data/my-audio", str(corpus_dir())),

@@ -253,7 +253,8 @@ class Demo:
         _, report = fit(config, topology=parse_topology(TPU_TARGET))
         stage.summary = {"lines": format_report(report), **report.summary(),
                          "command": "xlsr-jax fit --config experiments/pretrain_xlsr.py:xlsr_300m "
-                                    "--topology v5p-128 --config.mesh_preset=v5p-128 --search batch"}
+                                    "--topology v5p-128 --config.mesh_preset=v5p-128 --config.train.accum_steps=2 "
+                                    "--search batch"}
 
     def _finetune(self, stage: Stage, name: str, spec: str, steps: int, extra: list[str]) -> pathlib.Path:
         from xlsr_jax.evaluate import evaluate_model_dir

@@ -219,12 +219,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     task = make_task(config, model_config, data_dir, workdir)
     program = build_program(config, mesh, task)
     model_config = program.model_config
+    train_pipeline = pipeline_config(config, per_host, mesh=mesh)
     if jax.process_index() == 0:
         log.info("%s; %s, %s parameters", describe_job(mesh, global_batch), config.model.preset,
                  f"{program.num_params:,}")
+        if train_pipeline.samples_per_batch:
+            log.info("audio-budget batches: data.max_tokens %d samples x %d batch shards x %d micro-batches = "
+                     "%.0f s (%.2f h) of padded audio per update (global_batch_size %d is the evaluation batch)",
+                     config.data.max_tokens, train_pipeline.batch_multiple // program.accum_steps, program.accum_steps,
+                     train_pipeline.samples_per_batch / 16000, train_pipeline.samples_per_batch / 16000 / 3600,
+                     global_batch)
 
-    train_iter = iter(prepared_dataset(data_dir, config.data.train_split, pipeline_config(config, per_host, mesh=mesh),
-                                       task.train_targets))
+    train_iter = iter(prepared_dataset(data_dir, config.data.train_split, train_pipeline, task.train_targets))
     best, best_mode = best_metric(config, task)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=config.train.keep_checkpoints,
                                 best_metric=best or None, best_mode=best_mode,

@@ -71,7 +71,13 @@ def build_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ta
     rules = rules_of(config)
     accum = int(config.train.get("accum_steps", 1))
     validate_for_model(mesh, model_config, config.data.global_batch_size)
-    validate_batch(mesh, config.data.global_batch_size, accum)
+    # With audio-budget batches (data.max_tokens) the pipeline sizes training batches in multiples of
+    # data*fsdp*accum itself; global_batch_size is then only the evaluation batch.
+    budget = bool(config.data.get("max_tokens", 0))
+    validate_batch(mesh, config.data.global_batch_size, 1 if budget else accum)
+    if getattr(task.objective, "perplexity_groups", 1) == -1:  # one per batch shard (fairseq: per GPU)
+        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        task = dataclasses.replace(task, objective=task.objective.replace(perplexity_groups=shards))
     model = build_model(model_config, config.head)
     optimizer, schedule = make_optimizer(config.optim)
     abstract, shardings = state_shardings(model, optimizer, mesh, rules, seed=config.train.seed)
