@@ -102,6 +102,7 @@ def get_config(preset: str | None = None) -> ml_collections.ConfigDict:
         c.model.overrides.update({"dtype": "float32", "remat_policy": "none", "num_negatives": 20,
                                   "mask_time_length": 5})
         c.data.max_tokens = 0
+        c.data.language_sampling = "records"  # the embedded corpus' clips are alike in length
         c.data.global_batch_size = 8
         c.data.max_sample_size = 48_000
         c.data.min_sample_size = 8_000
