@@ -82,6 +82,7 @@ def test_does_not_fit_when_activations_exceed_hbm(capsys):
     # 300M-wide conv encoder and layers, 2 layers, no remat, 64 x 20 s per chip: tens of GiB of activations.
     code, out, _, s = _fit(capsys, "--config", "experiments/pretrain_xlsr.py:xlsr_300m", "--topology", "v5e-8",
                            "--config.mesh_preset=v5e-8", "--config.data.global_batch_size=512",
+                           "--config.data.max_tokens=0", "--config.train.accum_steps=1",  # 512 fixed rows
                            "--config.model.overrides.num_hidden_layers=2", "--config.model.overrides.remat_policy=none",
                            "--fail-if-not-fit")
     print(out)
