@@ -69,8 +69,12 @@ def test_smoke_preset_trains_and_evaluates(tmp_path):
 @pytest.mark.slow
 def test_exact_resume_equals_uninterrupted(tmp_path, data_dir, uninterrupted):
     workdir = _stopped_copy(uninterrupted, tmp_path / "resumed")
-    second = train_and_evaluate(_config(data_dir, **{"train.steps": 6}, **SOURCE_MESH), workdir)
+    # Profiling two steps after the first resumed one (train.profile_steps) changes no number.
+    profiled = {"train.profile_steps": 2, "train.profile_skip": 1}
+    second = train_and_evaluate(_config(data_dir, **{"train.steps": 6}, **SOURCE_MESH, **profiled), workdir)
     assert second.step == 6 and [h["step"] for h in second.history] == [4, 5, 6]
+    traces = list((workdir / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
     # Same data order and the same numbers, bit for bit.
     full = uninterrupted["history"]
     assert [h["loss"] for h in second.history] == [h["loss"] for h in full[3:]]

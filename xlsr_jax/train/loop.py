@@ -105,6 +105,36 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _Profiler:
+    """`train.profile_steps` = N: a `jax.profiler` trace of N steps into WORKDIR/profile (TensorBoard's
+    profile plugin or Perfetto read it), starting `train.profile_skip` steps after the run (re)starts,
+    so that compiling is not in it. Every process writes its own host's trace."""
+
+    def __init__(self, workdir: epath.Path, train_config, first_step: int):
+        self.steps = int(train_config.get("profile_steps", 0) or 0)
+        self.start = first_step + int(train_config.get("profile_skip", 2))
+        self.directory = str(workdir / "profile")
+        self.active = False
+
+    def before(self, step: int) -> None:
+        if self.steps and step == self.start:
+            jax.profiler.start_trace(self.directory)
+            self.active = True
+
+    def after(self, step: int, state) -> None:
+        """`step`: the number of steps done; stops the trace (after the device finishes) at the last one."""
+        if self.active and step >= self.start + self.steps:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+            log.info("profile of steps %d-%d written to %s", self.start + 1, step, self.directory)
+
+    def close(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 # Wav2Vec2Config fields that set parameter shapes or the layout of the encoder's weights.
 ARCHITECTURE_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "conv_dim",
                        "conv_kernel", "conv_stride", "conv_bias", "feat_extract_norm", "do_stable_layer_norm",
@@ -254,8 +284,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     last_log_time, audio_since_log, flops_since_log = time.perf_counter(), 0.0, 0.0
     max_streak = config.train.max_nonfinite_streak
     config_json = config.to_dict()
+    profiler = _Profiler(workdir, config.train, step)
     with _Preemption() as preemption:
         while step < total:
+            profiler.before(step)
             host_batch = next(train_iter)
             # Host bookkeeping from the per-row lengths (never the [B, samples] mask): every host reads
             # the same number of rows, so this host's audio x process count is the step's.
@@ -266,6 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             batch = to_global_batch({k: host_batch[k] for k in task.step_keys}, mesh, program.rules, task.batch_axes)
             state, metrics = program.train_step(state, batch)
             step += 1
+            profiler.after(step, state)
             log_step = step % config.train.log_every == 0 or step == total
             checkpoint_step = step % config.train.checkpoint_every == 0 or step == total
             # Reading the streak syncs host and device, so only at log and checkpoint steps: a skipped
@@ -303,6 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                 evaluated = eval_history[-1] if eval_history and eval_history[-1]["step"] == step else None
                 _save_if_finite(checkpointer, step, state, train_iter, config_json,
                                 metrics={best: evaluated[best]} if best and evaluated and best in evaluated else None)
+    profiler.close()
     checkpointer.close()
     writer.close()
     return RunResult(step=step, preempted=preempted, history=history, eval_history=eval_history, state=state)
