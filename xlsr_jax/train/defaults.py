@@ -22,6 +22,8 @@ def train_section(steps: int, eval_every: int, checkpoint_every: int) -> ml_coll
         "max_nonfinite_streak": 20,
         "async_checkpointing": True,
         "checkpoint_ocdbt": True,  # tensorstore's OCDBT layout; False: one file per chunk (see train/checkpoint.py)
+        # JAX's persistent compilation cache: "auto" = WORKDIR/compile_cache (local workdirs), a path, or "" (off)
+        "compilation_cache_dir": "auto",
         "profile_steps": 0,  # N > 0: a jax.profiler trace of N steps into WORKDIR/profile
         "profile_skip": 2,  # steps after each (re)start before the trace begins (the first ones compile)
     })  # fmt: skip

@@ -105,6 +105,43 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _CompilationCache:
+    """JAX's persistent compilation cache in `train.compilation_cache_dir` ("auto": WORKDIR/compile_cache
+    for a local workdir, none for a bucket one: name a directory, local or gs://, to share one; "": off)
+    for the length of a run, so that a restarted job (preemption, crash) loads its compiled
+    steps instead of compiling them again, as MaxText does. A cache the process already has (e.g.
+    JAX_COMPILATION_CACHE_DIR) is kept. Off for multi-process CPU runs, where each process keys the same
+    program differently and only process 0 writes, so the processes could run different executables."""
+
+    def __init__(self, workdir: epath.Path, train_config):
+        setting = train_config.get("compilation_cache_dir", "auto")
+        if setting == "auto":
+            setting = str(workdir / "compile_cache") if is_local(workdir) else ""
+        self.directory = setting
+        self.enabled = False
+
+    def __enter__(self):
+        from jax.experimental.compilation_cache import compilation_cache as cc
+
+        if not self.directory or jax.config.jax_compilation_cache_dir:
+            return self
+        if jax.process_count() > 1 and jax.devices()[0].platform == "cpu":
+            return self
+        cc.reset_cache()  # the cache is set up on a process's first compile: point it here from now on
+        cc.set_cache_dir(self.directory)
+        self.enabled = True
+        log.info("compiled programs are cached in %s", self.directory)
+        return self
+
+    def __exit__(self, *exc):
+        from jax.experimental.compilation_cache import compilation_cache as cc
+
+        if self.enabled:
+            jax.config.update("jax_compilation_cache_dir", None)
+            cc.reset_cache()
+            self.enabled = False
+
+
 class _Profiler:
     """`train.profile_steps` = N: a `jax.profiler` trace of N steps into WORKDIR/profile (TensorBoard's
     profile plugin or Perfetto read it), starting `train.profile_skip` steps after the run (re)starts,
@@ -236,6 +273,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """Train (or resume) the run described by `config` in `workdir` (a local path or e.g. gs://bucket/run)."""
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with _CompilationCache(workdir, config.train):
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) -> RunResult:
     model_config = model_config_from(config, workdir)
     if config.model.get("init_from") and jax.process_index() == 0 and not (workdir / INIT_CONFIG).is_file():
         (workdir / INIT_CONFIG).write_text((epath.Path(config.model.init_from) / "config.json").read_text())
