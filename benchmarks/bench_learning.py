@@ -1,6 +1,6 @@
 """Does our pretraining learn as well as Hugging Face's? The same small model, batches, masks and negatives.
 
-    python benchmarks/bench_learning.py [--steps 400] [--eval-every 100] [--ctc-steps 600] [--out DIR]
+    python benchmarks/bench_learning.py [--steps 600] [--eval-every 100] [--ctc-steps 600] [--seed 0] [--out DIR]
 
 1. The embedded corpus (11 languages, espeak-ng) is prepared once; `experiments/pretrain_xlsr.py:smoke`
    (the tiny model, float32, no dropout) with fairseq's optimizer (no clipping, weight decay on every
@@ -50,14 +50,14 @@ def contrastive_metrics(pred, target, mask, negatives, temperature: float) -> di
             "accuracy": float(correct[masked].sum() / n), "num_masked": n}
 
 
-def train_hf(init_sd, model_config, train_batches, dev_batches, config, eval_every: int, log) -> dict:
+def train_hf(init_sd, model_config, train_batches, dev_batches, config, eval_every: int, log, seed: int) -> dict:
     import torch
     import transformers
 
     from xlsr_jax.objectives.contrastive import gumbel_temperature
     from xlsr_jax.train.optim import make_schedule
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = transformers.Wav2Vec2ForPreTraining(transformers.Wav2Vec2Config(**model_config.to_hf_dict()))
     missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in init_sd.items()}, strict=False)
     if unexpected or [k for k in missing if "masked_spec_embed" not in k]:
@@ -159,9 +159,10 @@ def plot(ours_train, ours_eval, hf, path: pathlib.Path) -> bool:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--ctc-steps", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=0, help="initial weights and Gumbel noise (the data is fixed)")
     parser.add_argument("--out", default="")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out or tempfile.mkdtemp(prefix="bench_learning_"))
@@ -191,7 +192,8 @@ def main(argv=None) -> int:
         f"--config.optim.warmup_steps={max(1, steps // 10)}", "--config.train.log_every=1",
         f"--config.train.eval_every={args.eval_every}", "--config.train.eval_batches=0",
         f"--config.train.checkpoint_every={steps}", "--config.data.num_buckets=1",
-        "--config.optim.clip_norm=0.0", "--config.optim.decay_all_params=True"])  # fairseq's and HF's optimizer
+        "--config.optim.clip_norm=0.0", "--config.optim.decay_all_params=True",  # fairseq's and HF's optimizer
+        f"--config.train.seed={args.seed}"])
     if jax.device_count() != 1:
         raise SystemExit("run on one device (the loop's batches are then exactly the ones given to PyTorch)")
 
@@ -229,7 +231,7 @@ def main(argv=None) -> int:
     ours_eval = [r for r in rows if r.get("split") == "eval"]
     log(f"ours: {steps} steps in {ours_seconds:.0f} s")
 
-    hf = train_hf(init_sd, program.model_config, train_batches, dev_batches, config, args.eval_every, log)
+    hf = train_hf(init_sd, program.model_config, train_batches, dev_batches, config, args.eval_every, log, args.seed)
     hf_dir = out / "hf_pretrained"
     hf["model"].save_pretrained(hf_dir)
 
@@ -259,13 +261,13 @@ def main(argv=None) -> int:
     print(f"CTC head ({args.ctc_steps} steps on the frozen encoder), dev: ours {ctc['ours']}, HF {ctc['hf']}")
     png = out / "learning.png"
     plotted = plot(ours_train, ours_eval, hf, png)
-    result = {"bench": "learning", "steps": steps, "model": "pretrain_xlsr.py:smoke (tiny)", "eval": table,
+    result = {"bench": "learning", "steps": steps, "seed": args.seed, "model": "pretrain_xlsr.py:smoke (tiny)", "eval": table,
               "train_last10": train_tail, "ctc": ctc, "seconds": {"ours": ours_seconds, "hf": hf["seconds"]},
-              "plot": str(png) if plotted else None,
-              "train_curves": {"ours": [{k: r[k] for k in ("step", "loss", "accuracy", "prob_perplexity")}
-                                        for r in ours_train], "hf": hf["history"]}}
-    (out / "learning.json").write_text(json.dumps(result, indent=2))
+              "plot": str(png) if plotted else None}
     print(json.dumps(result))
+    result["train_curves"] = {"ours": [{k: r[k] for k in ("step", "loss", "accuracy", "prob_perplexity")}
+                                       for r in ours_train], "hf": hf["history"]}
+    (out / "learning.json").write_text(json.dumps(result, indent=2))
     return 0
 
 
