@@ -19,9 +19,8 @@ is then a fixed number of stream records and yields a fixed number of batches (t
 from the stream's bucket distribution), so batch i still maps to window i // n without planning
 the windows before it. Where a window's records make more batches than that, the surplus batches
 (chosen at random) are not trained on this time round; where fewer, and for the longest bucket's
-partial batch, rows are filled with other records of the same window. `plan_budget_window`
-reports neither as lost: both are a few batches per window (`tests/test_batching_budget.py`
-measures the fraction).
+partial batch, rows are filled with other records of the same window. Both are a few batches
+per window: `tests/test_batching_budget.py` holds records skipped and records repeated under 2 %.
 """
 
 from __future__ import annotations
