@@ -116,12 +116,13 @@ def test_fit_compiles_the_longest_bucket_at_the_budgets_rows(capsys):
 
     from xlsr_jax.cli import main
 
-    # 2 devices x 3 crops of 48000 samples per device: 6 rows at the longest crop, not global_batch_size.
-    code = main(["fit", "--config", "experiments/pretrain_xlsr.py:smoke", "--devices", "2",
-                 "--config.data.max_tokens=144000", "--config.data.global_batch_size=2"])
+    # 8 devices (the session's fake ones: another count would change the process's devices for later
+    # tests) x 3 crops of 48000 samples per device: 24 rows at the longest crop, not global_batch_size.
+    code = main(["fit", "--config", "experiments/pretrain_xlsr.py:smoke", "--devices", "8",
+                 "--config.data.max_tokens=144000", "--config.data.global_batch_size=8"])
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
-    assert code == 0 and summary["global_batch"] == 6 and summary["num_samples"] == 48_000, summary
+    assert code == 0 and summary["global_batch"] == 24 and summary["num_samples"] == 48_000, summary
 
 
 @pytest.mark.parametrize("budget", [0, 4 * 320_000])

@@ -242,6 +242,16 @@ def resolve_data_dir(data_dir: str, workdir: epath.Path) -> pathlib.Path:
     return target
 
 
+def check_splits(config: ml_collections.ConfigDict, data_dir) -> None:
+    """The configured train and eval splits exist in the prepared data (a clear error before any compile)."""
+    splits = DatasetIndex.load(data_dir).splits
+    for key in ("train_split", "eval_split"):
+        name = config.data.get(key, "")
+        if name and name not in splits:
+            raise ConfigError(f"data.{key}={name!r} is not a split of {data_dir}; it has {sorted(splits)}"
+                              + ("" if key == "train_split" else " (or set data.eval_split='' for none)"))
+
+
 def pipeline_config(config: ml_collections.ConfigDict, per_host_batch: int, split_seed_offset: int = 0,
                     mesh: jax.sharding.Mesh | None = None):
     """The input pipeline's settings; with `mesh` (training batches) and `data.max_tokens` > 0, batches
@@ -250,6 +260,9 @@ def pipeline_config(config: ml_collections.ConfigDict, per_host_batch: int, spli
     d = config.data
     budget = {}
     max_tokens = int(d.get("max_tokens", 0) or 0)
+    if max_tokens and max_tokens < d.max_sample_size:
+        raise ConfigError(f"data.max_tokens={max_tokens} is below data.max_sample_size={d.max_sample_size}: "
+                          "each batch shard must hold at least one crop; raise max_tokens or lower the crop")
     if mesh is not None and max_tokens:
         rows = mesh.shape["data"] * mesh.shape["fsdp"] * int(config.train.get("accum_steps", 1))
         budget = {"samples_per_batch": max_tokens * rows, "batch_multiple": rows}
@@ -288,6 +301,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
         raise ConfigError(f"global batch {global_batch} is not divisible by {jax.process_count()} processes")
     per_host = global_batch // jax.process_count()
     data_dir = resolve_data_dir(config.data.dir, workdir)
+    check_splits(config, data_dir)
     task = make_task(config, model_config, data_dir, workdir)
     program = build_program(config, mesh, task)
     model_config = program.model_config

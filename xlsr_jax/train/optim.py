@@ -54,8 +54,27 @@ def cosine(peak_lr: float, warmup_steps: int, total_steps: int, end_lr: float = 
     return optax.warmup_cosine_decay_schedule(0.0, peak_lr, max(warmup_steps, 1), max(total_steps, 2), end_lr)
 
 
+def check_optim(cfg: Mapping) -> None:
+    """Raise ConfigError naming every `optim` value that cannot train."""
+    problems = []
+    if not cfg.get("peak_lr", 0) > 0:
+        problems.append(f"optim.peak_lr must be > 0, got {cfg.get('peak_lr')}")
+    if cfg.get("total_steps", 1) < 1 or cfg.get("warmup_steps", 0) < 0:
+        problems.append(f"need optim.total_steps >= 1 and optim.warmup_steps >= 0, got {cfg.get('total_steps')}, "
+                        f"{cfg.get('warmup_steps')}")
+    for key in ("b1", "b2"):
+        if not 0 <= cfg.get(key, 0.9) < 1:
+            problems.append(f"optim.{key} must be in [0, 1), got {cfg.get(key)}")
+    for key in ("eps", "weight_decay", "clip_norm", "end_lr"):
+        if cfg.get(key, 0) < 0:
+            problems.append(f"optim.{key} must be >= 0, got {cfg.get(key)}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
 def make_schedule(cfg: Mapping) -> optax.Schedule:
     """A schedule from `optim` config fields (schedule, peak_lr, warmup_steps, total_steps, ...)."""
+    check_optim(cfg)
     name = cfg["schedule"]
     if name == "polynomial":
         return polynomial_decay(cfg["peak_lr"], cfg["warmup_steps"], cfg["total_steps"], cfg.get("end_lr", 0.0),

@@ -75,9 +75,16 @@ def build_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ta
     # data*fsdp*accum itself; global_batch_size is then only the evaluation batch.
     budget = bool(config.data.get("max_tokens", 0))
     validate_batch(mesh, config.data.global_batch_size, 1 if budget else accum)
-    if getattr(task.objective, "perplexity_groups", 1) == -1:  # one per batch shard (fairseq: per GPU)
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
-        task = dataclasses.replace(task, objective=task.objective.replace(perplexity_groups=shards))
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    groups = getattr(task.objective, "perplexity_groups", 1)
+    if groups == -1:  # one per batch shard (fairseq: per GPU)
+        groups = shards
+        task = dataclasses.replace(task, objective=task.objective.replace(perplexity_groups=groups))
+    # Micro-batch rows: a multiple of the shards with audio-budget batches, else the global batch / accum.
+    micro = shards if budget else config.data.global_batch_size // accum
+    if groups < 1 or micro % groups or config.data.global_batch_size % groups:
+        raise ConfigError(f"objective.perplexity_groups={groups} must divide the rows of every micro-batch "
+                          f"({micro}) and of the evaluation batch ({config.data.global_batch_size})")
     model = build_model(model_config, config.head)
     optimizer, schedule = make_optimizer(config.optim)
     abstract, shardings = state_shardings(model, optimizer, mesh, rules, seed=config.train.seed)
