@@ -3,9 +3,11 @@
     python benchmarks/bench_fit.py                       # 3 models x 5 pods (15 TPU compiles)
     python benchmarks/bench_fit.py --models xlsr_2b --pods v5e-256 --jsonl out.jsonl
 
-Each row compiles `experiments/pretrain_xlsr.py:<model>` at its own defaults (global batch 256,
-20 s crops, bfloat16, its remat policy) with the pod's mesh preset, through the same code as
-`xlsr-jax fit` (the `tpu` extra is needed). Prints a table row per compile, then one JSON line.
+Each row compiles `experiments/pretrain_xlsr.py:<model>` (20 s crops, bfloat16, its remat policy) with
+the pod's mesh preset at a fixed global batch of 256 crops and no accumulation (`FIXED_BATCH`, the basis
+of the BENCHMARKS.md table; the presets' own audio-budget batches are `--config.data.max_tokens=1200000
+--config.train.accum_steps=N`), through the same code as `xlsr-jax fit` (the `tpu` extra is needed).
+Prints a table row per compile, then one JSON line.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ PODS = {
     "2x v5p-128": ("2x v5p-128", 2),
 }
 MODELS = ("xlsr_300m", "xlsr_1b", "xlsr_2b")
+FIXED_BATCH = ["--config.data.max_tokens=0", "--config.train.accum_steps=1", "--config.data.global_batch_size=256"]
 
 
 def main(argv=None) -> int:
@@ -48,7 +51,7 @@ def main(argv=None) -> int:
         for pod in args.pods:
             preset, slices = PODS[pod]
             config = load_experiment(f"experiments/pretrain_xlsr.py:{model}",
-                                     [f"--config.mesh_preset={preset}", *overrides])
+                                     [f"--config.mesh_preset={preset}", *FIXED_BATCH, *overrides])
             topology = parse_topology(pod.split()[-1], num_slices=slices)
             _, report = fit(config, topology=topology)
             s = report.summary()
