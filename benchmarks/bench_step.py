@@ -2,7 +2,8 @@
 peak memory, and the time from process start to the first step.
 
     python benchmarks/bench_step.py [--preset base] [--seconds 5] [--batch 4] [--dtype float32]
-        [--steps 6] [--rounds 2] [--post-ln] [--remat none] [--unrolled]
+        [--steps 6] [--rounds 2] [--post-ln] [--remat none] [--unrolled] [--attention auto]
+        [--frameworks ours torch] [--compile-cache DIR] [--profile-top N]
 
 Each framework runs in its own process (`--worker ours|torch`), the two alternating for `--rounds`, so
 neither inherits the other's memory or caches. A worker builds the model (base size, pre-LN and
@@ -10,8 +11,11 @@ layer-norm conv features like XLS-R unless `--post-ln`), AdamW (0.9, 0.98, 1e-6,
 one random batch of `--batch` x `--seconds` s with fairseq's span masks (0.65, length 10) and 100
 negatives, then runs `--steps` train steps. Reported per process: seconds from process start to the
 model being ready, compile (ours: lower + compile of the jitted step), the first step, the median and
-min-max of the steady steps, and peak RSS. Prints a table with the medians over rounds and the ratios,
-then one JSON line. Needs the `torch` extra for the PyTorch side.
+min-max of the steady steps, and peak RSS. On a GPU (JAX's default backend; PyTorch when CUDA is
+available) also the device's peak allocated memory and the MFU: the analytic model FLOPs of
+`xlsr_jax.train.metrics.train_flops_per_step`, the same for both frameworks, over the median step time
+and the chip's peak bf16 FLOP/s. Prints a table with the medians over rounds and the ratios, then one
+JSON line. Needs the `torch` extra for the PyTorch side.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,6 +54,7 @@ def _config(args):
 
     arch = {} if args.post_ln else {"do_stable_layer_norm": True, "feat_extract_norm": "layer", "conv_bias": True}
     return get_preset(args.preset, **arch, dtype=args.dtype, remat_policy=args.remat, scan_layers=not args.unrolled,
+                      attention_impl=args.attention,
                       hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
                       layerdrop=0.0, mask_time_prob=0.65)
 
@@ -56,9 +63,78 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def _model_flops(config, num_params: int, args) -> float:
+    from xlsr_jax.train.metrics import train_flops_per_step
+
+    return train_flops_per_step(config, num_params, args.batch, int(args.seconds * 16000))
+
+
+# Model parts by the name-stack fragment their ops carry, first match wins.
+_PARTS = (("conv_layers_0/", "feature encoder: conv 0 (16 kHz input)"),
+          ("feature_extractor/", "feature encoder: conv 1-6"),
+          ("feature_projection/", "feature projection"),
+          ("pos_conv_embed/", "positional conv"),
+          ("/attention/", "transformer: attention"),
+          ("/feed_forward/", "transformer: feed-forward"),
+          ("/encoder/", "transformer: norms, residuals, scan"),
+          ("quantizer/", "quantizer"),
+          ("project_", "project_q / project_hid"))
+
+
+def _part(op_name: str) -> str:
+    for fragment, part in _PARTS:
+        if fragment in op_name:
+            return part
+    if "jvp(" in op_name:  # differentiated but outside the model: the objective
+        return "loss (contrastive + diversity)"
+    return "optimizer and the rest" if op_name else "(no name)"
+
+
+def _device_profile(compiled, run_step, steps: int, top: int) -> dict:
+    """Kernel time per step on the device, by model part and by HLO op, from a `jax.profiler` trace.
+
+    Each kernel event carries the HLO instruction it runs (`hlo_op`); the compiled HLO text maps that
+    instruction to the JAX name stack it came from (`metadata={op_name=...}`).
+    """
+    import glob
+    import tempfile
+
+    import jax
+    from jax.profiler import ProfileData
+
+    op_names = {m.group(1): m.group(2) for m in re.finditer(
+        r"^\s*%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", compiled.as_text(), re.M)}
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            for _ in range(steps):
+                run_step()
+        data = ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
+    platform = jax.devices()[0].platform
+    by_op: dict[str, float] = {}
+    for plane in data.planes:
+        on_device = plane.name.startswith("/device:") and "CUSTOM" not in plane.name
+        if not on_device and not (platform == "cpu" and plane.name == "/host:CPU"):
+            continue
+        lines = [line for line in plane.lines if line.name == "XLA Ops"] or list(plane.lines)
+        for line in lines:
+            for event in line.events:
+                op = dict(event.stats).get("hlo_op")
+                if op:
+                    by_op[op] = by_op.get(op, 0.0) + event.duration_ns / 1e9 / steps
+    by_part: dict[str, float] = {}
+    for op, t in by_op.items():
+        key = _part(op_names.get(op, ""))
+        by_part[key] = by_part.get(key, 0.0) + t
+    ops = sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
+    return {"kernel_s_per_step": sum(by_op.values()),
+            "by_part": dict(sorted(by_part.items(), key=lambda kv: -kv[1])),
+            "top_ops": [[op, t, op_names.get(op, "")[-160:]] for op, t in ops]}
+
+
 def worker_ours(args) -> dict:
     import jax
 
+    from xlsr_jax.models.encoder import attention_kernel
     from xlsr_jax.models.heads import build_model
     from xlsr_jax.objectives.contrastive import ContrastiveObjective
     from xlsr_jax.parallel.mesh import build_mesh
@@ -66,6 +142,7 @@ def worker_ours(args) -> dict:
     from xlsr_jax.tasks import pretraining
     from xlsr_jax.train.optim import make_optimizer
     from xlsr_jax.train.state import create_train_state
+    from xlsr_jax.train.metrics import device_peak_flops
     from xlsr_jax.train.step import jit_train_step, make_train_step
 
     config = _config(args)
@@ -84,14 +161,27 @@ def worker_ours(args) -> dict:
     t = time.perf_counter()
     compiled = jitted.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t)
-    return {"ready_s": ready, "compile_s": compile_s, "first_step_s": times[0], "steps_s": times[1:],
-            "loss": float(metrics["loss"]), "peak_rss_gib": _peak_rss_gib()}
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+
+    def run_step():
+        nonlocal state
+        state, out = compiled(state, batch)
+        jax.block_until_ready((state, out))
+
+    profile = _device_profile(compiled, run_step, 2, args.profile_top) if args.profile_top else None
+    return {"profile": profile, "attention": attention_kernel(config, deterministic=False), "ready_s": ready, "compile_s": compile_s, "first_step_s": times[0], "steps_s": times[1:],
+            "loss": float(metrics["loss"]), "peak_rss_gib": _peak_rss_gib(), "device": device.device_kind,
+            "device_peak_gib": stats["peak_bytes_in_use"] / 2**30 if stats else None,
+            "num_params": num_params, "flops_per_step": _model_flops(config, num_params, args),
+            "peak_flops": device_peak_flops(device)}
 
 
 def worker_torch(args) -> dict:
@@ -99,35 +189,49 @@ def worker_torch(args) -> dict:
     import torch
     import transformers
 
+    from xlsr_jax.train.metrics import PEAK_FLOPS
+
     config = _config(args)
     torch.manual_seed(0)
-    model = transformers.Wav2Vec2ForPreTraining(transformers.Wav2Vec2Config(**config.to_hf_dict())).train()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    with device:  # initialized where it trains: a 1B model's init on the host takes longer than its steps
+        model = transformers.Wav2Vec2ForPreTraining(transformers.Wav2Vec2Config(**config.to_hf_dict())).train()
+    model.to(device)  # masked_spec_embed is made by torch.Tensor(...), which ignores the device context
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
     b = _batch(config, args.batch, args.seconds)
     frames = b["mask_time_indices"].shape[1]
     offsets = (np.arange(args.batch) * frames)[:, None, None]
-    values = torch.from_numpy(b["input_values"])
-    attention = torch.from_numpy(b["attention_mask"]).long()
-    mask = torch.from_numpy(b["mask_time_indices"]).bool()
-    negatives = torch.from_numpy((b["sampled_negatives"] + offsets).astype(np.int64))
+    values = torch.from_numpy(b["input_values"]).to(device)
+    attention = torch.from_numpy(b["attention_mask"]).long().to(device)
+    mask = torch.from_numpy(b["mask_time_indices"]).bool().to(device)
+    negatives = torch.from_numpy((b["sampled_negatives"] + offsets).astype(np.int64)).to(device)
     ready = time.perf_counter() - START
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = model(values, attention_mask=attention, mask_time_indices=mask, sampled_negative_indices=negatives)
         loss = out.loss / mask.sum()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+    name = torch.cuda.get_device_name() if cuda else "cpu"
+    num_params = sum(p.numel() for p in model.parameters())
     return {"ready_s": ready, "compile_s": 0.0, "first_step_s": times[0], "steps_s": times[1:],
-            "loss": float(loss.detach()), "peak_rss_gib": _peak_rss_gib()}
+            "loss": float(loss.detach()), "peak_rss_gib": _peak_rss_gib(), "device": name,
+            "device_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+            "num_params": num_params, "flops_per_step": _model_flops(config, num_params, args),
+            "peak_flops": next((v for k, v in PEAK_FLOPS.items() if name.startswith(k)), None)}
 
 
-def _run_worker(name: str, argv: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", name, *argv], capture_output=True, text=True)
+def _run_worker(name: str, argv: list[str], env: dict | None = None) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", name, *argv], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         raise RuntimeError(f"{name} worker failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -141,10 +245,17 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--remat", default="none")
+    parser.add_argument("--attention", default="auto", help="ours: attention_impl (auto, xla, cudnn)")
     parser.add_argument("--unrolled", action="store_true", help="our layers unrolled instead of nn.scan")
     parser.add_argument("--post-ln", action="store_true", help="the original base model (post-LN, group norm)")
     parser.add_argument("--steps", type=int, default=6, help="per process: the first, then steady steps")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--compile-cache", metavar="DIR",
+                        help="ours: JAX's persistent compilation cache in DIR, emptied first, so that round 1 "
+                             "starts cold and later rounds start as a restarted job does")
+    parser.add_argument("--profile-top", type=int, default=0, metavar="N",
+                        help="ours: after the timed steps, trace 2 more and print the kernel time per step by "
+                             "model scope and the N slowest HLO ops")
     parser.add_argument("--frameworks", nargs="+", default=["ours", "torch"], choices=("ours", "torch"))
     parser.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -157,43 +268,90 @@ def main(argv=None) -> int:
 
     passthrough = [f"--preset={args.preset}", f"--seconds={args.seconds}", f"--batch={args.batch}",
                    f"--dtype={args.dtype}", f"--remat={args.remat}", f"--steps={args.steps}",
+                   f"--profile-top={args.profile_top}", f"--attention={args.attention}",
                    *(["--unrolled"] if args.unrolled else []), *(["--post-ln"] if args.post_ln else [])]
     runs: dict[str, list[dict]] = {name: [] for name in args.frameworks}
+    failed: dict[str, str] = {}
+    cache_env = None
+    if args.compile_cache:
+        shutil.rmtree(args.compile_cache, ignore_errors=True)
+        cache_env = {"JAX_COMPILATION_CACHE_DIR": args.compile_cache,
+                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     for r in range(args.rounds):
         for name in args.frameworks:
-            result = _run_worker(name, passthrough)
+            if name in failed:
+                continue
+            try:
+                result = _run_worker(name, passthrough, cache_env if name == "ours" else None)
+            except RuntimeError as e:  # out of memory, say: the other framework's row still counts
+                failed[name] = str(e)
+                print(e, file=sys.stderr, flush=True)
+                continue
             runs[name].append(result)
             print(f"round {r + 1} {name}: median step {statistics.median(result['steps_s']):.2f} s, "
                   f"peak RSS {result['peak_rss_gib']:.2f} GiB", file=sys.stderr, flush=True)
     rows = {}
     for name, results in runs.items():
+        if not results:
+            continue
         steady = [t for res in results for t in res["steps_s"]]
+        median = statistics.median(steady)
+        device_peak = [res["device_peak_gib"] for res in results if res.get("device_peak_gib") is not None]
+        peak_flops = results[0].get("peak_flops")
         rows[name] = {
-            "step_s_median": statistics.median(steady), "step_s_min": min(steady), "step_s_max": max(steady),
+            "device": results[0].get("device"), "num_params": results[0].get("num_params"),
+            "step_s_median": median, "step_s_min": min(steady), "step_s_max": max(steady),
             "peak_rss_gib": statistics.median(res["peak_rss_gib"] for res in results),
+            "device_peak_gib": statistics.median(device_peak) if device_peak else None,
+            "flops_per_step": results[0].get("flops_per_step"),
+            "mfu": results[0]["flops_per_step"] / median / peak_flops if peak_flops else None,
             "ready_s": statistics.median(res["ready_s"] for res in results),
             "compile_s": statistics.median(res["compile_s"] for res in results),
             "first_step_s": statistics.median(res["first_step_s"] for res in results),
             "rounds": [{k: v for k, v in res.items()} for res in results],
         }
-    header = f"{'framework':<10} {'step s median':>13} {'min-max':>13} {'peak RSS GiB':>12} {'ready s':>8} " \
+    on_device = any(row["device_peak_gib"] is not None for row in rows.values())
+    memory = "device peak GiB" if on_device else "peak RSS GiB"
+    header = f"{'framework':<10} {'step s median':>13} {'min-max':>13} {memory:>15} {'MFU':>6} {'ready s':>8} " \
              f"{'compile s':>9} {'first step s':>12} {'start->1st step s':>17}"
+    kernel = runs["ours"][0]["attention"] if runs.get("ours") else "-"
+    print(f"{args.preset}, {args.batch} x {args.seconds:g} s, {args.dtype}, remat {args.remat}, our attention {kernel}, on "
+          f"{', '.join(sorted({str(row['device']) for row in rows.values()}))}")
     print(header)
     print("-" * len(header))
     for name, row in rows.items():
         to_first = row["ready_s"] + row["compile_s"] + row["first_step_s"]
-        print(f"{name:<10} {row['step_s_median']:>13.2f} {row['step_s_min']:>6.2f}-{row['step_s_max']:<6.2f} "
-              f"{row['peak_rss_gib']:>12.2f} {row['ready_s']:>8.1f} {row['compile_s']:>9.1f} {row['first_step_s']:>12.1f} "
+        mem = row["device_peak_gib"] if on_device else row["peak_rss_gib"]
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+        print(f"{name:<10} {row['step_s_median']:>13.3f} {row['step_s_min']:>6.3f}-{row['step_s_max']:<6.3f} "
+              f"{mem:>15.2f} {mfu:>6} {row['ready_s']:>8.1f} {row['compile_s']:>9.1f} {row['first_step_s']:>12.1f} "
               f"{to_first:>17.1f}")
+    if args.compile_cache:
+        for i, res in enumerate(runs.get("ours", [])):
+            print(f"ours round {i + 1} ({'cold' if i == 0 else 'compilation cache warm'}): compile "
+                  f"{res['compile_s']:.1f} s, first step {res['first_step_s']:.1f} s, process start to first step "
+                  f"{res['ready_s'] + res['compile_s'] + res['first_step_s']:.1f} s")
+    for res in runs.get("ours", [])[:1]:
+        profile = res.get("profile")
+        if profile:
+            total = profile["kernel_s_per_step"]
+            print(f"\nours, kernel time per step {total:.4f} s (of {rows['ours']['step_s_median']:.4f} s), by part:")
+            for part, t in profile["by_part"].items():
+                print(f"  {part:<40} {t:>9.4f} s {t / total:>6.1%}")
+            print("slowest ops:")
+            for op, t, name in profile["top_ops"]:
+                print(f"  {op:<28} {t:>9.4f} s  {name[-100:]}")
     ratios = {}
     if "ours" in rows and "torch" in rows:
+        key = "device_peak_gib" if on_device else "peak_rss_gib"
         ratios = {"step_time_ours_over_torch": rows["ours"]["step_s_median"] / rows["torch"]["step_s_median"],
-                  "peak_rss_ours_over_torch": rows["ours"]["peak_rss_gib"] / rows["torch"]["peak_rss_gib"]}
+                  f"{key}_ours_over_torch": rows["ours"][key] / rows["torch"][key]}
         print(f"ours / torch: step time {ratios['step_time_ours_over_torch']:.2f}x, "
-              f"peak RSS {ratios['peak_rss_ours_over_torch']:.2f}x")
+              f"{memory} {ratios[f'{key}_ours_over_torch']:.2f}x")
     print(json.dumps({"bench": "step", "config": {k: v for k, v in vars(args).items() if k != "worker"},
-                      "cpus": os.cpu_count(), "results": rows, "ratios": ratios}))
-    return 0
+                      "cpus": os.cpu_count(), "results": rows, "ratios": ratios,
+                      "failed": {name: err[-500:] for name, err in failed.items()}}))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

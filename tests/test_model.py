@@ -177,3 +177,47 @@ def test_time_and_channel_masks():
     with pytest.raises(ValueError, match="no masked_spec_embed"):
         build_model(no_embed, "base").apply({"params": init_params(no_embed, "base")}, audio, mask,
                                             mask_time_indices=time_mask)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_fused_attention_call_matches_materialized_scores(monkeypatch, padded):
+    """The cuDNN branch's call (layout, frames padded to a multiple of 8, padding as key lengths) gives
+    the einsum path's loss and gradients: run through `jax.nn.dot_product_attention`'s XLA kernel,
+    since CPUs have no cuDNN."""
+    from xlsr_jax.models import encoder
+
+    audio, mask = _batch(n=7000)
+    mask = mask if padded else None
+    config = get_preset("tiny", hidden_dropout=0.0)
+    assert config.num_frames(7000) % encoder.CUDNN_FRAME_MULTIPLE  # the frame padding is exercised
+    params = init_params(config, "ctc")
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(_ctc_loss_fn(config, audio, mask)))(params)
+    calls = []
+    dot_product_attention = jax.nn.dot_product_attention
+
+    def on_cpu(*args, implementation=None, **kwargs):
+        calls.append((implementation, args[0].shape, kwargs["key_value_seq_lengths"]))
+        return dot_product_attention(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(encoder, "attention_kernel", lambda cfg, deterministic: "cudnn")
+    monkeypatch.setattr(jax.nn, "dot_product_attention", on_cpu)
+    loss, grads = jax.jit(jax.value_and_grad(_ctc_loss_fn(config, audio, mask)))(params)
+    assert calls[0][0] == "cudnn" and calls[0][1][1] % encoder.CUDNN_FRAME_MULTIPLE == 0
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, ref_grads)
+
+
+def test_attention_kernel_choice():
+    from xlsr_jax.config import ConfigError
+    from xlsr_jax.models.encoder import attention_kernel
+
+    bf16 = get_preset("tiny", dtype="bfloat16")
+    assert jax.default_backend() == "cpu" and attention_kernel(bf16, deterministic=True) == "xla"
+    assert attention_kernel(bf16.replace(attention_impl="xla"), deterministic=False) == "xla"
+    assert attention_kernel(bf16.replace(attention_impl="cudnn"), deterministic=True) == "cudnn"
+    with pytest.raises(ConfigError, match="needs dtype='bfloat16'"):
+        get_preset("tiny", attention_impl="cudnn")
+    with pytest.raises(ConfigError, match="head_dim <= 128"):
+        get_preset("tiny", dtype="bfloat16", attention_impl="cudnn", hidden_size=36, num_attention_heads=2)
+    with pytest.raises(ConfigError, match="attention_impl must be one of"):
+        get_preset("tiny", attention_impl="flash")

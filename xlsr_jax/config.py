@@ -26,6 +26,10 @@ HF_ARCHITECTURES = {
     "pretraining": "Wav2Vec2ForPreTraining",
 }
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# Self-attention kernels: "xla" materializes the [T, T] scores (any backend, attention dropout);
+# "cudnn" is cuDNN's fused flash attention (NVIDIA GPUs, bfloat16, head_dim <= 128 and a multiple of 8,
+# no attention dropout); "auto" takes cudnn where it applies and xla elsewhere.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -91,6 +95,7 @@ class Wav2Vec2Config:
     dtype: str = "float32"  # compute dtype; parameters are always float32
     scan_layers: bool = True  # nn.scan over the transformer layers (fast compile) or unrolled
     remat_policy: str = "none"  # rematerialization of each transformer layer, see REMAT_POLICIES
+    attention_impl: str = "auto"  # see ATTENTION_IMPLS
     # fairseq's feature_grad_mult: gradient scale into the conv encoder (0 freezes it).
     feature_grad_mult: float = 1.0
 
@@ -154,6 +159,14 @@ class Wav2Vec2Config:
             problems.append(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.remat_policy not in REMAT_POLICIES:
             problems.append(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        elif self.attention_impl == "cudnn":
+            if self.dtype != "bfloat16":
+                problems.append(f"attention_impl='cudnn' needs dtype='bfloat16', got {self.dtype!r}")
+            if self.head_dim > 128 or self.head_dim % 8:
+                problems.append(f"attention_impl='cudnn' needs head_dim <= 128 and a multiple of 8, "
+                                f"got {self.head_dim}")
         if self.add_adapter:
             problems.append("add_adapter=True (the Wav2Vec2 adapter for seq2seq) is not supported")
         if self.id2label and len(self.id2label) != self.num_labels:
@@ -233,7 +246,7 @@ class Wav2Vec2Config:
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "swish", "silu")
 
-_OURS = ("dtype", "scan_layers", "remat_policy", "feature_grad_mult", "do_normalize")
+_OURS = ("dtype", "scan_layers", "remat_policy", "attention_impl", "feature_grad_mult", "do_normalize")
 _HF_BOOKKEEPING_KEYS = frozenset(
     {
         "architectures", "model_type", "transformers_version", "torch_dtype", "dtype_hf",

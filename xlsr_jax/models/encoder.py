@@ -57,14 +57,33 @@ class PositionalConvEmbedding(nn.Module):
         return activation(cfg.feat_extract_activation)(y + bias.astype(dtype))
 
 
+CUDNN_FRAME_MULTIPLE = 8  # frames padded to this for cuDNN attention
+
+
+def attention_kernel(config: Wav2Vec2Config, deterministic: bool) -> str:
+    """"xla" or "cudnn": what `config.attention_impl` means on this backend for this call.
+
+    "auto" takes cuDNN's flash attention on a GPU when the compute dtype is bfloat16, the head size
+    fits it (<= 128, a multiple of 8) and no attention dropout is drawn; everything else, TPU and CPU
+    included, materializes the scores with XLA.
+    """
+    impl = config.attention_impl
+    if impl != "auto":
+        return impl
+    fits = config.dtype == "bfloat16" and config.head_dim <= 128 and config.head_dim % 8 == 0
+    no_dropout = deterministic or config.attention_dropout == 0.0
+    return "cudnn" if fits and no_dropout and jax.default_backend() == "gpu" else "xla"
+
+
 class Attention(nn.Module):
-    """Multi-head self-attention; `bias` is an additive [B, 1, 1, T] key-padding bias or None."""
+    """Multi-head self-attention over frames whose valid part is a prefix of `lengths` frames per row
+    (None: all valid)."""
 
     config: Wav2Vec2Config
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, lengths: jax.Array | None) -> jax.Array:
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
@@ -74,12 +93,26 @@ class Attention(nn.Module):
 
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
         q = nn.with_logical_constraint(q, ("batch", "frames", "act_heads", None))
-        scores = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
-        if bias is not None:
-            scores = scores + bias
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=self.deterministic)
-        out = jnp.einsum("bnts,bsnd->btnd", probs.astype(dtype), v)
+        kernel = attention_kernel(cfg, self.deterministic)
+        if kernel == "cudnn":
+            if not self.deterministic and cfg.attention_dropout:
+                raise ValueError("attention_impl='cudnn' has no attention dropout; use 'xla' or attention_dropout=0")
+            # jax's cuDNN path rejects odd lengths when training: pad the frames, mask them as keys, drop them.
+            frames = x.shape[1]
+            pad = -frames % CUDNN_FRAME_MULTIPLE
+            if lengths is None:
+                lengths = jnp.full((x.shape[0],), frames, jnp.int32)
+            q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+            out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+            out = out[:, :frames]
+        else:
+            scores = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+            if lengths is not None:
+                valid = jnp.arange(k.shape[1]) < lengths[:, None]
+                scores = scores + jnp.where(valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+            probs = jax.nn.softmax(scores, axis=-1)
+            probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=self.deterministic)
+            out = jnp.einsum("bnts,bsnd->btnd", probs.astype(dtype), v)
         return Dense(cfg.hidden_size, ("heads", "kv", "embed"), in_axes=2, dtype=dtype, name="out_proj")(out)
 
 
@@ -102,7 +135,7 @@ class FeedForward(nn.Module):
 class EncoderLayer(nn.Module):
     """One transformer block; pre-LN when `do_stable_layer_norm` (XLS-R), post-LN otherwise (base).
 
-    Called as a scan body: (hidden, bias) -> (hidden, layer input or None). The layer input is
+    Called as a scan body: (hidden, lengths) -> (hidden, layer input or None). The layer input is
     emitted so that `hidden_states` can be collected without unrolling the scan.
     """
 
@@ -111,7 +144,7 @@ class EncoderLayer(nn.Module):
     emit_input: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array | None):
+    def __call__(self, x: jax.Array, lengths: jax.Array | None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         det = self.deterministic
@@ -122,10 +155,10 @@ class EncoderLayer(nn.Module):
         final_layer_norm = LayerNorm("embed", cfg.layer_norm_eps, dtype, name="final_layer_norm")
         dropout = nn.Dropout(cfg.hidden_dropout)
         if cfg.do_stable_layer_norm:
-            x = x + dropout(attention(layer_norm(x), bias), deterministic=det)
+            x = x + dropout(attention(layer_norm(x), lengths), deterministic=det)
             x = x + feed_forward(final_layer_norm(x))
         else:
-            x = layer_norm(x + dropout(attention(x, bias), deterministic=det))
+            x = layer_norm(x + dropout(attention(x, lengths), deterministic=det))
             x = final_layer_norm(x + feed_forward(x))
         if not det and cfg.layerdrop > 0.0:
             # LayerDrop: the whole batch skips this layer with probability `layerdrop`. The layer is
@@ -155,10 +188,10 @@ class Encoder(nn.Module):
     ) -> tuple[jax.Array, jax.Array | None]:
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        bias = None
-        if mask is not None:
+        lengths = None
+        if mask is not None:  # a prefix of real frames per row (`frame_mask`)
             x = jnp.where(mask[..., None], x, 0)  # padded frames must not leak into the positional conv
-            bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+            lengths = mask.sum(-1, dtype=jnp.int32)
         x = x + PositionalConvEmbedding(cfg, name="pos_conv_embed")(x)
         if not cfg.do_stable_layer_norm:
             x = LayerNorm("embed", cfg.layer_norm_eps, dtype, name="layer_norm")(x)
@@ -177,12 +210,12 @@ class Encoder(nn.Module):
                 length=cfg.num_hidden_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )(cfg, deterministic, output_hidden_states, name="layers")
-            x, inputs = stack(x, bias)
+            x, inputs = stack(x, lengths)
             hidden_states = list(inputs) if output_hidden_states else None
         else:
             hidden_states = [] if output_hidden_states else None
             for i in range(cfg.num_hidden_layers):
-                x, inp = block(cfg, deterministic, output_hidden_states, name=f"layers_{i}")(x, bias)
+                x, inp = block(cfg, deterministic, output_hidden_states, name=f"layers_{i}")(x, lengths)
                 if output_hidden_states:
                     hidden_states.append(inp)
         if output_hidden_states:
