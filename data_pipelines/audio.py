@@ -9,6 +9,8 @@ import numpy as np
 import soundfile
 import soxr
 
+from data_pipelines.errors import UserError
+
 SAMPLE_RATE = 16_000
 
 # Same epsilon as Hugging Face `Wav2Vec2FeatureExtractor.zero_mean_unit_var_norm`, so features
@@ -18,7 +20,7 @@ _NORM_EPS = 1e-7
 PathLike = str | os.PathLike[str]
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
     """An audio file that cannot be turned into a usable waveform; the message names the file."""
 
     def __init__(self, path: PathLike, reason: str) -> None:

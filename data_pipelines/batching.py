@@ -31,6 +31,7 @@ import threading
 import grain
 import numpy as np
 
+from data_pipelines.errors import UserError
 from data_pipelines.sampling import EpochShuffle
 
 
@@ -59,7 +60,7 @@ def crop_bucket_lengths(lengths: np.ndarray, num_buckets: int, multiple: int = 3
     qs = np.quantile(lengths, np.arange(num_buckets) / num_buckets, method="lower")
     edges = np.unique(qs.astype(np.int64) // multiple * multiple)
     if edges[0] < multiple:
-        raise ValueError(f"records shorter than {multiple} samples cannot be cropped to a bucket")
+        raise UserError(f"records shorter than {multiple} samples cannot be cropped to a bucket")
     return edges
 
 
@@ -69,11 +70,11 @@ def assign_buckets(lengths: np.ndarray, buckets: np.ndarray, crop: bool = False)
     if crop:
         ids = np.searchsorted(buckets, lengths, side="right") - 1
         if (ids < 0).any():
-            raise ValueError(f"a length is shorter than the shortest crop bucket {buckets[0]}")
+            raise UserError(f"a length is shorter than the shortest crop bucket {buckets[0]}")
         return ids
     ids = np.searchsorted(buckets, lengths, side="left")
     if (ids >= len(buckets)).any():
-        raise ValueError(f"a length exceeds the longest bucket {buckets[-1]}")
+        raise UserError(f"a length exceeds the longest bucket {buckets[-1]}")
     return ids
 
 
@@ -104,7 +105,7 @@ def budget_batch_sizes(buckets: np.ndarray, samples_per_batch: int, multiple: in
     rows = samples_per_batch // buckets // multiple * multiple
     if (rows < multiple).any():
         need = int(buckets[-1]) * multiple
-        raise ValueError(f"a samples budget of {samples_per_batch} per batch holds no {multiple} rows of the longest "
+        raise UserError(f"a samples budget of {samples_per_batch} per batch holds no {multiple} rows of the longest "
                          f"bucket ({int(buckets[-1])} samples): it must be at least {need}")
     return rows
 

@@ -43,6 +43,7 @@ import numpy as np
 from data_pipelines import audio, sampling
 from data_pipelines.batching import (BatchPlan, EvalPlan, assign_buckets, bucket_lengths, budget_batch_sizes,
                                     crop_bucket_lengths)
+from data_pipelines.errors import UserError
 from data_pipelines.sources import AudioSource, PreparedSource
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ class PipelineConfig:
         if self.worker_count < 0 or self.read_threads < 0:
             problems.append("worker_count and read_threads must be >= 0")
         if problems:
-            raise ValueError("invalid PipelineConfig: " + "; ".join(problems))
+            raise UserError("invalid PipelineConfig: " + "; ".join(problems))
 
 
 def _normalize_inplace(row: np.ndarray, scale: float) -> None:
@@ -197,14 +198,14 @@ def make_plan(source: AudioSource, config: PipelineConfig, crop: bool, shard_cou
     config.validate()
     kept = usable_records(source, config, crop)
     if len(kept) == 0:
-        raise ValueError(
+        raise UserError(
             f"no record of {len(source)} is within [min_sample_size={config.min_sample_size}, "
             f"max_sample_size={config.max_sample_size}] samples"
         )
     effective = np.minimum(source.lengths, config.max_sample_size)
     if config.crop_to_bucket:
         if not crop:
-            raise ValueError("crop_to_bucket crops audio, which this task's targets (e.g. transcripts) forbid")
+            raise UserError("crop_to_bucket crops audio, which this task's targets (e.g. transcripts) forbid")
         buckets = crop_bucket_lengths(effective[kept], config.num_buckets, config.pad_multiple)
     else:
         buckets = bucket_lengths(effective[kept], config.num_buckets, config.pad_multiple)
@@ -319,7 +320,7 @@ def eval_dataset(
         raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
     lengths = np.asarray(source.lengths, np.int64)
     if len(lengths) == 0:
-        raise ValueError("the evaluation split has no records")
+        raise UserError("the evaluation split has no records")
     buckets = bucket_lengths(lengths, config.num_buckets, config.pad_multiple)
     plan = EvalPlan(lengths, buckets, config.batch_size * shard_count)
     whole = dataclasses.replace(config, max_sample_size=int(lengths.max()), min_sample_size=1, crop_to_bucket=False)

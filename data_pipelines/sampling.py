@@ -20,6 +20,8 @@ import sys
 import grain
 import numpy as np
 
+from data_pipelines.errors import UserError
+
 # grain's mix is a deterministic interleave with integer weights: it scales the smallest weight to
 # 100 and truncates the others, so each integer weight is within 1% of its exact value and, after
 # renormalizing, each realized proportion within 2% (relative) of its target over any span of
@@ -36,9 +38,9 @@ def language_weights(counts: np.ndarray | list[float], alpha: float = 0.5) -> np
     """Sampling probabilities p_l proportional to (n_l / N)^alpha; languages with n_l = 0 get 0."""
     counts = np.asarray(counts, dtype=np.float64)
     if (counts < 0).any() or counts.sum() <= 0:
-        raise ValueError(f"language counts must be non-negative with a positive sum, got {counts.tolist()}")
+        raise UserError(f"language counts must be non-negative with a positive sum, got {counts.tolist()}")
     if alpha < 0:
-        raise ValueError(f"alpha must be >= 0, got {alpha}")
+        raise UserError(f"alpha must be >= 0, got {alpha}")
     q = counts / counts.sum()
     w = np.where(q > 0, q**alpha, 0.0)
     return w / w.sum()
@@ -54,7 +56,7 @@ class EpochShuffle:
     def __init__(self, records: np.ndarray, seed: int, num_epochs: int | None = None):
         self.records = np.asarray(records, dtype=np.int64)
         if len(self.records) == 0:
-            raise ValueError("cannot shuffle zero records")
+            raise UserError("cannot shuffle zero records")
         self.seed = seed
         self.length = sys.maxsize if num_epochs is None else num_epochs * len(self.records)
         self._perm: tuple[int, np.ndarray] = (-1, self.records)
@@ -126,7 +128,7 @@ def mixed_stream(
         target = np.where(counts > 0, target / mean, 0.0)
     present = [lang for lang in range(num_languages) if counts[lang] > 0 and target[lang] > 0]
     if not present:
-        raise ValueError("no language has both records and a positive weight")
+        raise UserError("no language has both records and a positive weight")
     parts = [
         grain.MapDataset.source(EpochShuffle(records[language_ids == lang], derived_seed(seed, 1, lang)))
         for lang in present

@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from etils import epath
 
+from data_pipelines.errors import UserError
+
 PAD, BOS, EOS, UNK, WORD_DELIMITER = "<pad>", "<s>", "</s>", "<unk>", "|"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, WORD_DELIMITER)
 LABEL_PAD = -100  # Hugging Face's ignore index for padded label positions
@@ -26,9 +28,9 @@ class Vocabulary:
 
     def __init__(self, tokens: Sequence[str]):
         if tuple(tokens[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
-            raise ValueError(f"a vocabulary starts with {SPECIAL_TOKENS}, got {tuple(tokens[:5])}")
+            raise UserError(f"a vocabulary starts with {SPECIAL_TOKENS}, got {tuple(tokens[:5])}")
         if len(set(tokens)) != len(tokens):
-            raise ValueError("vocabulary tokens must be unique")
+            raise UserError("vocabulary tokens must be unique")
         self.tokens = list(tokens)
         self.ids = {t: i for i, t in enumerate(self.tokens)}
         self.pad_id, self.unk_id, self.delimiter_id = self.ids[PAD], self.ids[UNK], self.ids[WORD_DELIMITER]
@@ -60,7 +62,7 @@ class Vocabulary:
         ids = json.loads(path.read_text(encoding="utf-8"))
         tokens = sorted(ids, key=ids.get)
         if [ids[t] for t in tokens] != list(range(len(tokens))):
-            raise ValueError(f"{path}: ids must be 0..{len(tokens) - 1} without gaps")
+            raise UserError(f"{path}: ids must be 0..{len(tokens) - 1} without gaps")
         return cls(tokens)
 
     def encode(self, text: str) -> np.ndarray:

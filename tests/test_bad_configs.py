@@ -11,7 +11,8 @@ SMOKE = "experiments/pretrain_xlsr.py:smoke"
 
 # (overrides, what the one line must say)
 CASES = [
-    (["--config.optim.peak_lrr=1e-3"], "unknown config key 'optim.peak_lrr'"),
+    (["--config.optim.peak_lrr=1e-3"], "unknown config key 'optim.peak_lrr'; did you mean 'optim.peak_lr'?"),
+    (["--config.optm.peak_lr=1e-3"], "did you mean 'optim'?"),
     (["--config.train.steps=abc"], "train.steps"),
     (["--config.mesh_preset=", "--config.mesh.ici.data=1", "--config.mesh.ici.fsdp=16"], "16 devices"),
     (["--config.mesh_preset=v5e-9"], "v5e-9"),
@@ -50,3 +51,30 @@ def test_a_bad_config_is_one_line_before_anything_runs(overrides, message, data_
     assert err and err[-1].startswith("xlsr-jax train: error:") and message in err[-1], err[-1:]
     assert "Traceback" not in "\n".join(err)
     assert not (workdir / "checkpoints").exists() and not list(workdir.glob("compile_cache/*"))
+
+
+def test_verbose_adds_the_traceback_to_an_input_error(data_dir, tmp_path, capsys):
+    code = main(["--verbose", "train", "--config", SMOKE, "--workdir", str(tmp_path / "run"),
+                 f"--config.data.dir={data_dir}", "--config.optim.peak_lr=-1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" in err and "ConfigError" in err
+    assert err.strip().splitlines()[-1].startswith("xlsr-jax train: error: ")
+
+
+@pytest.mark.parametrize("bug", [ValueError("operands could not be broadcast"), KeyError("params")])
+def test_an_internal_error_keeps_its_traceback_and_says_it_is_a_bug(bug, monkeypatch, tmp_path, capsys):
+    """A ValueError (or anything else) from inside the library is not the user's input: exit 1 with the
+    traceback, not the one-line treatment of `UserError`."""
+    from xlsr_jax.models import heads
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(heads, "init_params", broken)
+    code = main(["init", "--preset", "tiny", "--output", str(tmp_path / "model")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" in err and "in broken" in err
+    assert f"xlsr-jax init: internal error ({type(bug).__name__})" in err and "This is a bug in xlsr-jax" in err
+    assert not (tmp_path / "model").exists()

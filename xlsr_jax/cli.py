@@ -6,7 +6,9 @@ import argparse
 import logging
 import sys
 import time
+import traceback
 
+from data_pipelines.errors import UserError
 from data_pipelines.ingest.layouts import LAYOUTS
 from xlsr_jax.config import HEADS, PRESETS, ConfigError
 
@@ -258,7 +260,7 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlsr-jax", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, and the traceback of an input error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     conv = sub.add_parser("convert", help="convert checkpoints between Hugging Face, fairseq and xlsr-jax")
@@ -433,15 +435,20 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = overrides
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from data_pipelines.audio import AudioError
-    from xlsr_jax.model_dir import ModelDirError
-
     try:
         return args.func(args)
-    except (ConfigError, ModelDirError, AudioError, FileNotFoundError, ValueError) as e:
-        # Bad input is the user's to fix: one clear line, no traceback.
+    except (UserError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        # Bad input is the user's to fix: one clear line; the traceback only when asked for.
+        if args.verbose:
+            traceback.print_exc()
         print(f"xlsr-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # anything else is a bug: keep the traceback
+        traceback.print_exc()
+        print(f"xlsr-jax {args.command}: internal error ({type(e).__name__}): {e}\n"
+              "This is a bug in xlsr-jax, not in your input: please report it with the traceback above.",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

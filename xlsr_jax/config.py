@@ -13,6 +13,8 @@ import math
 import pathlib
 from typing import Any
 
+from data_pipelines.errors import UserError
+
 # The conv feature encoder shared by every wav2vec 2.0 / XLS-R size: 320x downsampling.
 _CONV_DIM = (512,) * 7
 _CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
@@ -33,7 +35,7 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 DTYPES = ("float32", "bfloat16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value that cannot work, with a message saying which and why."""
 
 

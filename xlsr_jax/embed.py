@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines.audio import SAMPLE_RATE, AudioError, load_audio, normalize, pad_batch
+from data_pipelines.errors import UserError
 from xlsr_jax.model_dir import load_model_dir
 from xlsr_jax.models.heads import Wav2Vec2Encoder
 
@@ -40,7 +41,7 @@ def _output_names(paths: Sequence[pathlib.Path]) -> list[str]:
     seen: dict[str, pathlib.Path] = {}
     for name, path in zip(names, paths):
         if name in seen:
-            raise ValueError(f"two inputs would both write {name}: {seen[name]} and {path}; rename one")
+            raise UserError(f"two inputs would both write {name}: {seen[name]} and {path}; rename one")
         seen[name] = path
     return names
 
@@ -63,7 +64,7 @@ def embed_files(
     """
     paths = [pathlib.Path(p) for p in audio_paths]
     if not paths:
-        raise ValueError("no audio files given")
+        raise UserError("no audio files given")
     for p in paths:  # fail before any compute on a typo
         if not p.exists():
             raise AudioError(p, "no such file")
@@ -72,7 +73,7 @@ def embed_files(
     config, _, params = load_model_dir(model_dir, **overrides)
     num_states = config.num_hidden_layers + 1
     if layer is not None and not -num_states <= layer < num_states:
-        raise ValueError(f"--layer {layer} is out of range: this model has hidden_states 0..{num_states - 1}")
+        raise UserError(f"--layer {layer} is out of range: this model has hidden_states 0..{num_states - 1}")
     output_dir = pathlib.Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 

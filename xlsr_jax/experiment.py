@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
 import pathlib
 from collections.abc import Sequence
@@ -45,6 +46,11 @@ def _parse(raw: str):
         return raw
 
 
+def _did_you_mean(name: str, choices, parents: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
+    return f"did you mean {'.'.join([*parents, close[0]])!r}? " if close else ""
+
+
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     """Apply one `config.a.b=value` (or `a.b=value`) override in place."""
     key, sep, raw = item.removeprefix("--").removeprefix("config.").partition("=")
@@ -52,15 +58,18 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         raise ConfigError(f"override {item!r} is not of the form --config.a.b=value")
     *parents, leaf = key.split(".")
     node = config
-    for name in parents:
+    for depth, name in enumerate(parents):
         if name not in node:
-            raise ConfigError(f"unknown config section {key!r}: {name!r} not in {sorted(node.keys())}")
+            raise ConfigError(f"unknown config section {key!r}: {_did_you_mean(name, node.keys(), parents[:depth])}"
+                              f"{name!r} is not in {sorted(node.keys())}")
         node = node[name]
     if leaf not in node and parents == ["model", "overrides"] and leaf in _MODEL_FIELDS:
         node[leaf] = _parse(raw)  # any Wav2Vec2Config field may be overridden, not only the preset's listed ones
         return
     if leaf not in node:
-        raise ConfigError(f"unknown config key {key!r}; {'.'.join(parents) or 'top level'} has {sorted(node.keys())}")
+        choices = set(node.keys()) | (_MODEL_FIELDS if parents == ["model", "overrides"] else set())
+        raise ConfigError(f"unknown config key {key!r}; {_did_you_mean(leaf, choices, parents)}"
+                          f"{'.'.join(parents) or 'top level'} has {sorted(node.keys())}")
     value = _parse(raw)
     current = node[leaf]
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):

@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 from data_pipelines.audio import SAMPLE_RATE, AudioError, load_audio, normalize
+from data_pipelines.errors import UserError
 from data_pipelines.vocab import Vocabulary
 from xlsr_jax.config import Wav2Vec2Config
 from xlsr_jax.embed import BUCKET_SAMPLES, num_samples
@@ -83,11 +84,11 @@ def chunk_frames(config: Wav2Vec2Config, chunk_seconds: float, overlap_seconds: 
     chunk = round(chunk_seconds * frames_per_second)
     overlap = round(overlap_seconds * frames_per_second)
     if chunk < 1:
-        raise ValueError(f"chunk_seconds={chunk_seconds} is less than one frame ({1 / frames_per_second} s)")
+        raise UserError(f"chunk_seconds={chunk_seconds} is less than one frame ({1 / frames_per_second} s)")
     if overlap < 0:
-        raise ValueError(f"overlap_seconds={overlap_seconds} must not be negative")
+        raise UserError(f"overlap_seconds={overlap_seconds} must not be negative")
     if chunk - 2 * overlap < 1:
-        raise ValueError(
+        raise UserError(
             f"chunk_seconds={chunk_seconds} must be more than twice overlap_seconds={overlap_seconds} "
             "(each window keeps what is left between its two overlaps)"
         )
@@ -103,7 +104,7 @@ def plan_windows(config: Wav2Vec2Config, num_samples: int, chunk: int, overlap: 
     total = int(config.num_frames(num_samples))
     if total < 1:
         need = receptive_field(config)
-        raise ValueError(f"too short: {num_samples} samples make no frame (the model needs at least {need})")
+        raise UserError(f"too short: {num_samples} samples make no frame (the model needs at least {need})")
     if total <= chunk:
         return [Window(0, num_samples, 0, total)]
     length = chunk * hop + receptive_field(config) - hop
@@ -157,9 +158,9 @@ class Predictor:
         batch_size: int = DEFAULT_BATCH_SIZE,
     ) -> None:
         if head not in INFERENCE_HEADS:
-            raise ValueError(f"a {head!r} head has no predictions to make; use one of {INFERENCE_HEADS}")
+            raise UserError(f"a {head!r} head has no predictions to make; use one of {INFERENCE_HEADS}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise UserError(f"batch_size must be at least 1, got {batch_size}")
         self.config, self.head, self.params, self.vocab = config, head, params, vocab
         self.chunk, self.overlap = chunk_frames(config, chunk_seconds, overlap_seconds)
         self.batch_size = batch_size
@@ -216,7 +217,7 @@ class Predictor:
     def decode(self, logits: np.ndarray) -> str:
         """Greedy CTC decoding of [frames, vocab] logits: argmax per frame, merge repeats, drop blanks."""
         if self.vocab is None:
-            raise ValueError("this predictor has no vocabulary to spell CTC outputs with")
+            raise UserError("this predictor has no vocabulary to spell CTC outputs with")
         return self.vocab.decode(np.argmax(logits, axis=-1), ctc=True)
 
     def classify(self, wave: np.ndarray) -> Classification:
@@ -290,7 +291,7 @@ class Predictor:
 
     def _require(self, head: str) -> None:
         if self.head != head:
-            raise ValueError(f"this is a {self.head!r} model; that needs a {head!r} one")
+            raise UserError(f"this is a {self.head!r} model; that needs a {head!r} one")
 
 
 def _load_vocab(model_dir: pathlib.Path, config: Wav2Vec2Config) -> Vocabulary:
@@ -331,7 +332,7 @@ def predict_files(
 
     paths = [pathlib.Path(p) for p in paths]
     if not paths:
-        raise ValueError("no audio files given")
+        raise UserError("no audio files given")
     total = sum(num_samples(p) for p in paths)
     bar = tqdm(total=total, unit="s audio", unit_scale=1 / SAMPLE_RATE, desc="transcribe", delay=2.0,
                disable=not progress, dynamic_ncols=True,

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from data_pipelines.errors import UserError
 from xlsr_jax.config import HEADS, HF_ARCHITECTURES, Wav2Vec2Config
 from xlsr_jax.convert import layout
 from xlsr_jax.models.heads import abstract_params
@@ -29,7 +30,7 @@ from xlsr_jax.models.heads import abstract_params
 MODEL_FILES = ("config.json", "params")
 
 
-class ModelDirError(ValueError):
+class ModelDirError(UserError):
     """A model directory that is missing, incomplete, or not ours."""
 
 

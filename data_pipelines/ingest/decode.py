@@ -23,6 +23,7 @@ import numpy as np
 import soundfile
 
 from data_pipelines.audio import SAMPLE_RATE, AudioError, load_audio
+from data_pipelines.errors import UserError
 from data_pipelines.ingest.layouts import Item
 from data_pipelines.records import CODECS, Utterance, encode_record
 
@@ -47,11 +48,11 @@ class Filters:
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_seconds < self.max_seconds:
-            raise ValueError(f"need 0 <= min_seconds < max_seconds, got {self.min_seconds} and "
+            raise UserError(f"need 0 <= min_seconds < max_seconds, got {self.min_seconds} and "
                              f"{self.max_seconds}")
         # Equal chunks of an over-long file are longer than max/2; a larger minimum would drop them.
         if self.split_long and self.min_seconds > self.max_seconds / 2:
-            raise ValueError(f"split_long needs min_seconds <= max_seconds / 2, got {self.min_seconds} "
+            raise UserError(f"split_long needs min_seconds <= max_seconds / 2, got {self.min_seconds} "
                              f"and {self.max_seconds}")
 
 
@@ -138,7 +139,7 @@ def split_long(wave: np.ndarray, max_samples: int) -> list[np.ndarray]:
 def decode_item(item: Item, filters: Filters, codec: str) -> Decoded:
     """Loads, checks and encodes one item (top-level so spawn-started workers can import it)."""
     if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; choose one of {CODECS}")
+        raise UserError(f"unknown codec {codec!r}; choose one of {CODECS}")
     try:
         wave = load_checked(item.path, filters)
     except Skip as skip:

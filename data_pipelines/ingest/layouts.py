@@ -27,6 +27,8 @@ import os
 import pathlib
 from collections.abc import Callable, Sequence
 
+from data_pipelines.errors import UserError
+
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 UNKNOWN_LANGUAGE = "und"  # ISO 639-2 "undetermined", for data with no language label
 DEFAULT_SPLIT = "train"
@@ -64,7 +66,7 @@ def _read_tsv(path: pathlib.Path) -> list[dict[str, str]]:
 
 def _require_columns(path: pathlib.Path, rows: list[dict[str, str]], columns: Sequence[str]) -> None:
     if rows and (missing := [c for c in columns if c not in rows[0]]):
-        raise ValueError(f"{path}: missing column(s) {missing}; it has {sorted(rows[0])}")
+        raise UserError(f"{path}: missing column(s) {missing}; it has {sorted(rows[0])}")
 
 
 def _is_fairseq_manifest(path: pathlib.Path) -> bool:
@@ -92,7 +94,7 @@ def read_commonvoice(root: pathlib.Path, opts: _Options) -> list[Item]:
     """Common Voice locale directory: clips/ plus train/dev/test.tsv."""
     tables = [root / f"{s}.tsv" for s in _CV_SPLITS if (root / f"{s}.tsv").is_file()]
     if not (root / "clips").is_dir() or not tables:
-        raise ValueError(f"{root} is not a Common Voice directory: needs clips/ and train.tsv, dev.tsv "
+        raise UserError(f"{root} is not a Common Voice directory: needs clips/ and train.tsv, dev.tsv "
                          f"or test.tsv")
     items = []
     for table in tables:
@@ -117,14 +119,14 @@ def _fairseq_transcripts(manifest: pathlib.Path, n: int) -> list[str]:
         return [""] * n
     if len(lines) != n:
         source = wrd if wrd.is_file() else ltr
-        raise ValueError(f"{source}: {len(lines)} transcript lines for {n} manifest entries")
+        raise UserError(f"{source}: {len(lines)} transcript lines for {n} manifest entries")
     return lines
 
 
 def _read_fairseq_file(manifest: pathlib.Path, opts: _Options) -> list[Item]:
     lines = manifest.read_text(encoding="utf-8").splitlines()
     if not lines or "\t" in lines[0]:
-        raise ValueError(f"{manifest} is not a fairseq manifest: the first line must be the audio root "
+        raise UserError(f"{manifest} is not a fairseq manifest: the first line must be the audio root "
                          f"directory")
     root = pathlib.Path(lines[0].strip())
     if not root.is_absolute():
@@ -146,7 +148,7 @@ def read_fairseq(root: pathlib.Path, opts: _Options) -> list[Item]:
         return _read_fairseq_file(root, opts)
     manifests = [p for p in sorted(root.glob("*.tsv")) if _is_fairseq_manifest(p)]
     if not manifests:
-        raise ValueError(f"{root} holds no fairseq manifest (*.tsv whose first line is the audio root)")
+        raise UserError(f"{root} holds no fairseq manifest (*.tsv whose first line is the audio root)")
     # Several manifests: each is a split, so `split` filters rather than renames.
     per_file = _Options(None, opts.language, opts.language_from_parent)
     return [item for m in manifests for item in _read_fairseq_file(m, per_file)]
@@ -157,7 +159,7 @@ def read_librispeech(root: pathlib.Path, opts: _Options) -> list[Item]:
     single = sorted(root.glob("*/*/*.trans.txt"))
     transcripts = single or sorted(root.glob("*/*/*/*.trans.txt"))
     if not transcripts:
-        raise ValueError(f"{root} is not a LibriSpeech directory: no SPEAKER/CHAPTER/*.trans.txt found")
+        raise UserError(f"{root} is not a LibriSpeech directory: no SPEAKER/CHAPTER/*.trans.txt found")
     items = []
     for trans in transcripts:
         split = (opts.split or root.name) if single else trans.parents[2].name
@@ -178,7 +180,7 @@ def read_folder(root: pathlib.Path, opts: _Options) -> list[Item]:
     """Every audio file under `root` (or `root` itself when it is one file)."""
     files = [root] if root.is_file() else _audio_files(root)
     if not files:
-        raise ValueError(f"{root} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
+        raise UserError(f"{root} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
     base = root.parent if root.is_file() else root
     items = []
     for audio in files:
@@ -220,7 +222,7 @@ def detect_layout(path: str | os.PathLike[str]) -> str:
             return "librispeech"
         if any(p.suffix.lower() in AUDIO_EXTENSIONS for p in root.rglob("*")):
             return "folder"
-    raise ValueError(
+    raise UserError(
         f"no input layout matches {root}: expected a directory with manifest.tsv (corpus), clips/ + "
         f"train/dev/test.tsv (commonvoice), a fairseq manifest .tsv, */*/*.trans.txt (librispeech) or "
         f"audio files ({', '.join(AUDIO_EXTENSIONS)}); force one with --layout {{{','.join(LAYOUTS)}}}")
@@ -235,12 +237,12 @@ def discover(
 ) -> tuple[list[Item], list[str]]:
     """Lists the items of every input; returns (items sorted by split and id, layout per input)."""
     if layout is not None and layout not in READERS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+        raise UserError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     if language is not None and language_from_parent:
-        raise ValueError("give either a language or language_from_parent, not both")
+        raise UserError("give either a language or language_from_parent, not both")
     paths = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     if not paths:
-        raise ValueError("no inputs given")
+        raise UserError("no inputs given")
     opts = _Options(split, language, language_from_parent)
     items: list[Item] = []
     layouts = []
@@ -257,9 +259,9 @@ def discover(
     seen: dict[tuple[str, str], str] = {}
     for item in items:
         if (prev := seen.setdefault((item.split, item.id), item.path)) != item.path:
-            raise ValueError(f"two inputs share the id {item.id!r} in split {item.split!r}: {prev} and "
+            raise UserError(f"two inputs share the id {item.id!r} in split {item.split!r}: {prev} and "
                              f"{item.path}")
     if not items:
         where = ", ".join(map(str, paths)) + (f" for split {split!r}" if split else "")
-        raise ValueError(f"no audio found in {where}")
+        raise UserError(f"no audio found in {where}")
     return sorted(items, key=lambda it: (it.split, it.id)), layouts

@@ -22,6 +22,7 @@ import numpy as np
 import tqdm
 
 from data_pipelines.audio import SAMPLE_RATE, AudioError
+from data_pipelines.errors import UserError
 from data_pipelines.ingest.decode import Decoded, Filters, decode_item
 from data_pipelines.ingest.layouts import Item, discover
 from data_pipelines.ingest.shards import (
@@ -131,10 +132,10 @@ def prepare(
 ) -> DatasetIndex:
     """Ingests `inputs` into `output_dir` (resuming a run there) and returns its `DatasetIndex`."""
     if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; choose one of {CODECS}")
+        raise UserError(f"unknown codec {codec!r}; choose one of {CODECS}")
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+        raise UserError(f"workers must be >= 0, got {workers}")
     filters = Filters(min_seconds, max_seconds, split_long, silence_peak)
     # Absolute paths: a resumed run may start from another working directory.
     given = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
@@ -172,7 +173,7 @@ def prepare(
 
     index = _build_index(out, plans, results, codec, source)
     if sum(s.total_records for s in index.splits.values()) == 0:
-        raise ValueError(f"every input was skipped ({index.skipped}); see {out / REPORT_FILE}")
+        raise UserError(f"every input was skipped ({index.skipped}); see {out / REPORT_FILE}")
     index.save(out)
     return index
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from data_pipelines.errors import UserError
 from data_pipelines.ingest.layouts import Item
 
 PROGRESS_FILE = "progress.jsonl"
@@ -53,14 +54,14 @@ def plan_shards(items: list[Item], num_shards: int | None = None,
                 records_per_shard: int = DEFAULT_RECORDS_PER_SHARD) -> list[ShardPlan]:
     """Contiguous shards per split over items sorted by (split, id); never more shards than items."""
     if num_shards is not None and num_shards < 1:
-        raise ValueError(f"num_shards must be positive, got {num_shards}")
+        raise UserError(f"num_shards must be positive, got {num_shards}")
     if records_per_shard < 1:
-        raise ValueError(f"records_per_shard must be positive, got {records_per_shard}")
+        raise UserError(f"records_per_shard must be positive, got {records_per_shard}")
     items = sorted(items, key=lambda it: (it.split, it.id))
     plans = []
     for split in sorted({it.split for it in items}):
         if not _SPLIT_NAME.fullmatch(split):
-            raise ValueError(f"split name {split!r} cannot name a file; use letters, digits, '.', '_' or '-'")
+            raise UserError(f"split name {split!r} cannot name a file; use letters, digits, '.', '_' or '-'")
         group = [it for it in items if it.split == split]
         n = len(group)
         count = max(1, min(n, num_shards or math.ceil(n / records_per_shard)))
@@ -113,7 +114,7 @@ class ProgressLog:
             self._load(settings)
         else:
             if output_dir.exists() and any(output_dir.iterdir()):
-                raise ValueError(f"output directory {output_dir} is not empty and holds no {PROGRESS_FILE} "
+                raise UserError(f"output directory {output_dir} is not empty and holds no {PROGRESS_FILE} "
                                  f"of an earlier prepare run; choose a new or empty directory")
             output_dir.mkdir(parents=True, exist_ok=True)
             self._rewrite([{"settings": settings}])
@@ -129,7 +130,7 @@ class ProgressLog:
         old = entries[0].get("settings") if entries else None
         if old != settings:
             changed = sorted(k for k in (settings | (old or {})) if (old or {}).get(k) != settings.get(k))
-            raise ValueError(f"{self.dir} holds a prepare run with other settings ({', '.join(changed)} "
+            raise UserError(f"{self.dir} holds a prepare run with other settings ({', '.join(changed)} "
                              f"differ); rerun with the same ones to resume, or use a new directory")
         for entry in entries[1:]:
             self.finished[entry["shard"]] = ShardResult(**entry["result"])

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from data_pipelines.audio import SAMPLE_RATE
+from data_pipelines.errors import UserError
 from data_pipelines.vocab import BOS, EOS, PAD, UNK, WORD_DELIMITER, Vocabulary
 from xlsr_jax.config import HF_ARCHITECTURES, Wav2Vec2Config
 from xlsr_jax.convert import layout
@@ -43,7 +44,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", LEGACY_WEIG
 _HUB_ID = re.compile(r"(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<revision>[^\s@]+))?")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A checkpoint that does not fit the model its config describes."""
 
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from xlsr_jax.config import Wav2Vec2Config
+from xlsr_jax.config import ConfigError, Wav2Vec2Config
 from xlsr_jax.models.layers import Dense, LayerNorm, activation, conv1d, gathered, logical
 
 _REMAT_POLICIES = {
@@ -96,7 +96,7 @@ class Attention(nn.Module):
         kernel = attention_kernel(cfg, self.deterministic)
         if kernel == "cudnn":
             if not self.deterministic and cfg.attention_dropout:
-                raise ValueError("attention_impl='cudnn' has no attention dropout; use 'xla' or attention_dropout=0")
+                raise ConfigError("attention_impl='cudnn' has no attention dropout; use 'xla' or attention_dropout=0")
             # jax's cuDNN path rejects odd lengths when training: pad the frames, mask them as keys, drop them.
             frames = x.shape[1]
             pad = -frames % CUDNN_FRAME_MULTIPLE

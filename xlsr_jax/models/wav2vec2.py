@@ -7,7 +7,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from xlsr_jax.config import Wav2Vec2Config
+from xlsr_jax.config import ConfigError, Wav2Vec2Config
 from xlsr_jax.models.encoder import Encoder
 from xlsr_jax.models.feature_encoder import FeatureEncoder, FeatureProjection, frame_mask
 from xlsr_jax.models.layers import logical, scale_gradient
@@ -64,7 +64,7 @@ class Wav2Vec2Model(nn.Module):
             )
         if cfg.apply_spec_augment and mask_time_indices is not None:
             if not cfg.has_masked_spec_embed:
-                raise ValueError(
+                raise ConfigError(
                     "mask_time_indices given but the model has no masked_spec_embed "
                     "(mask_time_prob and mask_feature_prob are both 0 in its config)"
                 )

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 from etils import epath
 
+from data_pipelines.errors import UserError
 from data_pipelines.records import DatasetIndex
 from xlsr_jax.config import ConfigError, Wav2Vec2Config
 from xlsr_jax.objectives import classification as cls_objective
@@ -179,7 +180,7 @@ class ModelLabelTargets:
     def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
         ids = np.asarray(self.label_ids, np.int32)[np.asarray(raw["language_id"])]
         if np.any(ids < 0):
-            raise ValueError("a record's language is not among the model's labels")
+            raise UserError("a record's language is not among the model's labels")
         return {**LanguageTargets(crop=False)(raw, rng), "language_id": ids}
 
 

@@ -7,7 +7,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from xlsr_jax.config import Wav2Vec2Config
+from xlsr_jax.config import ConfigError, Wav2Vec2Config
 from xlsr_jax.objectives.contrastive import ContrastiveObjective
 from xlsr_jax.objectives.masking import row_generators, row_span_masks, sample_negatives
 from xlsr_jax.tasks import Task
@@ -40,7 +40,7 @@ class PretrainTargets:
     def check(self, min_sample_size: int) -> None:
         """Raise if the shortest record the pipeline keeps makes fewer than 2 frames."""
         if self.model.num_frames(min_sample_size) < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"min_sample_size={min_sample_size} gives {self.model.num_frames(min_sample_size)} frames; "
                 "contrastive pretraining needs at least 2 per utterance (>= 720 samples)"
             )

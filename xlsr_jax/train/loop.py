@@ -20,9 +20,10 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from xlsr_jax.parallel.global_batch import to_global_batch
+from data_pipelines.errors import UserError
 from data_pipelines.pipeline import PipelineConfig, prepared_dataset
 from data_pipelines.records import DatasetIndex
+from xlsr_jax.parallel.global_batch import to_global_batch
 from xlsr_jax.config import ConfigError, get_preset
 from xlsr_jax.models.heads import abstract_params
 from xlsr_jax.parallel.distributed import describe_job
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """The run cannot continue (e.g. repeated non-finite losses); the last good checkpoint is kept."""
 
 
