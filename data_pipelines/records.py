@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from data_pipelines.errors import UserError
+
 SAMPLE_RATE = 16_000
 CODECS = ("pcm16", "flac")
 INDEX_VERSION = 1
@@ -47,7 +49,7 @@ class Utterance:
 def encode_record(utt: Utterance, codec: str = "pcm16") -> bytes:
     """Serialize an utterance (float audio is clipped to [-1, 1] and quantized to 16 bits)."""
     if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; choose one of {CODECS}")
+        raise UserError(f"unknown codec {codec!r}; choose one of {CODECS}")
     pcm = np.clip(np.round(np.asarray(utt.audio, np.float32) * 32767.0), -32768, 32767).astype("<i2")
     if codec == "pcm16":
         payload = pcm.tobytes()
@@ -82,7 +84,7 @@ def decode_record(record: bytes) -> Utterance:
 
         pcm, _ = soundfile.read(io.BytesIO(bytes(payload)), dtype="int16")
     else:
-        raise ValueError(f"record {meta.get('id')!r} has unknown codec {meta['codec']!r}")
+        raise UserError(f"record {meta.get('id')!r} has unknown codec {meta['codec']!r}")
     audio = pcm.astype(np.float32) * (1.0 / 32768.0)
     return Utterance(id=meta["id"], audio=audio, language=meta.get("language", ""), text=meta.get("text", ""))
 
@@ -121,15 +123,18 @@ class DatasetIndex:
         path = pathlib.Path(data_dir) / "dataset.json"
         if not path.is_file():
             raise FileNotFoundError(f"{data_dir} is not a prepared data set: no dataset.json (run xlsr-jax prepare)")
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path} is corrupt ({e}); run xlsr-jax prepare again") from e
         if data.get("version") != INDEX_VERSION:
-            raise ValueError(f"{path}: index version {data.get('version')} is not {INDEX_VERSION}")
+            raise UserError(f"{path}: index version {data.get('version')} is not {INDEX_VERSION}")
         data["splits"] = {name: SplitIndex(**s) for name, s in data["splits"].items()}
         return cls(**data)
 
     def shard_paths(self, data_dir: str | pathlib.Path, split: str) -> list[pathlib.Path]:
         if split not in self.splits:
-            raise KeyError(f"split {split!r} not in the data set; it has {sorted(self.splits)}")
+            raise UserError(f"split {split!r} not in the data set {data_dir}; it has {sorted(self.splits)}")
         return [pathlib.Path(data_dir) / s for s in self.splits[split].shards]
 
     def lengths(self, data_dir: str | pathlib.Path, split: str) -> np.ndarray:

@@ -13,6 +13,7 @@ import grain
 import numpy as np
 
 from data_pipelines import records
+from data_pipelines.errors import UserError
 
 
 class AudioSource(Protocol):
@@ -39,7 +40,25 @@ def pcm16_payload(meta: dict, payload: memoryview) -> np.ndarray:
 
         pcm, _ = soundfile.read(io.BytesIO(bytes(payload)), dtype="int16")
         return pcm
-    raise ValueError(f"record {meta.get('id')!r} has unknown codec {meta['codec']!r}")
+    raise UserError(f"record {meta.get('id')!r} has unknown codec {meta['codec']!r}")
+
+
+def check_shard(path: pathlib.Path, expected_records: int) -> None:
+    """Raise a UserError naming `path` if the shard is missing, unreadable (e.g. truncated: ArrayRecord
+    keeps its index in a footer) or holds another number of records than dataset.json says."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    if not path.is_file():
+        raise UserError(f"{path}: shard missing (dataset.json lists it); restore it or run xlsr-jax prepare again")
+    try:
+        reader = ArrayRecordReader(str(path))
+        count = reader.num_records()
+        reader.close()
+    except Exception as e:  # the C++ reader raises RuntimeError/ValueError subtypes by version
+        raise UserError(f"{path}: unreadable shard ({e}); restore it or run xlsr-jax prepare again") from e
+    if count != expected_records:
+        raise UserError(f"{path}: {count} records, but dataset.json says {expected_records}; the shard or the "
+                        "index was changed after prepare: restore it or run xlsr-jax prepare again")
 
 
 class PreparedSource:
@@ -47,13 +66,15 @@ class PreparedSource:
 
     def __init__(self, data_dir: str | pathlib.Path, split: str):
         index = records.DatasetIndex.load(data_dir)
-        paths = [str(p) for p in index.shard_paths(data_dir, split)]
-        self.records = grain.sources.ArrayRecordDataSource(paths)
+        paths = index.shard_paths(data_dir, split)
+        for path, expected in zip(paths, index.splits[split].num_records):
+            check_shard(path, expected)
+        self.records = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
         self.lengths = index.lengths(data_dir, split).astype(np.int64)
         self.language_ids = index.language_ids(data_dir, split).astype(np.int32)
         self.languages = list(index.languages)
         if not (len(self.records) == len(self.lengths) == len(self.language_ids)):
-            raise ValueError(
+            raise UserError(
                 f"{data_dir} split {split!r}: {len(self.records)} records in the shards but "
                 f"{len(self.lengths)} lengths and {len(self.language_ids)} language ids in the index files"
             )
