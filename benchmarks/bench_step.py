@@ -162,6 +162,8 @@ def worker_ours(args) -> dict:
     compiled = jitted.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    memory = compiled.memory_analysis()
+    temp_gib = getattr(memory, "temp_size_in_bytes", 0) / 2**30 if memory is not None else None
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
@@ -177,7 +179,8 @@ def worker_ours(args) -> dict:
         jax.block_until_ready((state, out))
 
     profile = _device_profile(compiled, run_step, 2, args.profile_top) if args.profile_top else None
-    return {"profile": profile, "attention": attention_kernel(config, deterministic=False), "ready_s": ready, "compile_s": compile_s, "first_step_s": times[0], "steps_s": times[1:],
+    return {"profile": profile, "attention": attention_kernel(config, deterministic=False), "compiled_temp_gib": temp_gib,
+            "ready_s": ready, "compile_s": compile_s, "first_step_s": times[0], "steps_s": times[1:],
             "loss": float(metrics["loss"]), "peak_rss_gib": _peak_rss_gib(), "device": device.device_kind,
             "device_peak_gib": stats["peak_bytes_in_use"] / 2**30 if stats else None,
             "num_params": num_params, "flops_per_step": _model_flops(config, num_params, args),
@@ -326,6 +329,9 @@ def main(argv=None) -> int:
         print(f"{name:<10} {row['step_s_median']:>13.3f} {row['step_s_min']:>6.3f}-{row['step_s_max']:<6.3f} "
               f"{mem:>15.2f} {mfu:>6} {row['ready_s']:>8.1f} {row['compile_s']:>9.1f} {row['first_step_s']:>12.1f} "
               f"{to_first:>17.1f}")
+    for res in runs.get("ours", [])[:1]:
+        if res.get("compiled_temp_gib") is not None:
+            print(f"ours: the compiled step's temporaries {res['compiled_temp_gib']:.2f} GiB (XLA's memory analysis)")
     if args.compile_cache:
         for i, res in enumerate(runs.get("ours", [])):
             print(f"ours round {i + 1} ({'cold' if i == 0 else 'compilation cache warm'}): compile "
