@@ -1,13 +1,15 @@
 """Orbax checkpoints of the train state, the data iterator position and the config, saved together.
 
 Saves are asynchronous; Orbax writes into a temporary directory and renames it on commit, so a
-torn save (a killed host, a full disk) is never listed as a step and never restored. Restoring
+torn save (a killed host, a full disk) is never listed as a step and never restored. A full disk
+raises `StorageFullError`, a one-line user error that names the last committed step. Restoring
 targets the *current* abstract sharded state, so a checkpoint written on one mesh restores onto
 another (elastic restore).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pathlib
@@ -18,7 +20,17 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from data_pipelines.errors import UserError
+
 log = logging.getLogger(__name__)
+
+# How storage that is out of space shows in the errors Orbax and tensorstore raise (ENOSPC, EDQUOT, and
+# EFBIG for a file-size limit): they come as ValueError/OSError text, not as OSError errno.
+STORAGE_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+class StorageFullError(UserError):
+    """A checkpoint could not be written because its storage is full; the committed checkpoints are intact."""
 
 
 def is_local(path: str | pathlib.Path | epath.Path) -> bool:
@@ -81,8 +93,26 @@ class Checkpointer:
             items["data"] = data
         if config is not None:
             items["config"] = ocp.args.JsonSave(json.loads(json.dumps(config, default=str)))
-        return self._manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}) or None,
-                                  force=force)
+        with self._storage_errors(step):  # a save first waits for the previous one, whose error surfaces here
+            return self._manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}) or None,
+                                      force=force)
+
+    @contextlib.contextmanager
+    def _storage_errors(self, step: int | None = None):
+        """Turn a full disk during a save into one actionable line (Orbax raises it from its writer)."""
+        try:
+            yield
+        except Exception as e:
+            if not any(m in str(e) for m in STORAGE_FULL_MESSAGES):
+                raise
+            latest = self._manager.latest_step()
+            raise StorageFullError(
+                f"saving a checkpoint{'' if step is None else f' at step {step}'} to {self.directory} failed: "
+                f"the storage is full ({next(m for m in STORAGE_FULL_MESSAGES if m in str(e))}). "
+                + (f"The last committed checkpoint, step {latest}, is intact: free space and rerun the same "
+                   "command to resume from it." if latest is not None else
+                   "No checkpoint was committed yet: free space and rerun.")
+            ) from e
 
     def restore(self, abstract_state, data_iterator=None, step: int | None = None):
         """State restored onto `abstract_state`'s shardings (a tree of ShapeDtypeStruct with .sharding).
@@ -125,11 +155,14 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until pending async saves are committed."""
-        self._manager.wait_until_finished()
+        with self._storage_errors():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def abstract_with_shardings(abstract_state, shardings):
