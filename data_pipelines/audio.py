@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import soundfile
@@ -29,6 +30,20 @@ class AudioError(UserError):
         super().__init__(f"{self.path}: {reason}")
 
 
+@contextlib.contextmanager
+def open_audio(path: PathLike) -> Iterator[soundfile.SoundFile]:
+    """`soundfile.SoundFile` reading `path`. soundfile encodes names as UTF-8 and fails on any other
+    bytes a file system allows, so such a file is handed over open instead."""
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        with open(path, "rb") as raw, soundfile.SoundFile(raw) as f:
+            yield f
+        return
+    with soundfile.SoundFile(path) as f:
+        yield f
+
+
 def load_audio(path: PathLike, target_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Reads an audio file as a 1-D float32 mono waveform at `target_rate` Hz."""
     if target_rate <= 0:
@@ -40,7 +55,8 @@ def load_audio(path: PathLike, target_rate: int = SAMPLE_RATE) -> np.ndarray:
     if os.path.isdir(path):
         raise AudioError(path, "is a directory, not an audio file")
     try:
-        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        with open_audio(path) as f:
+            data, rate = f.read(dtype="float32", always_2d=True), f.samplerate
     except (soundfile.LibsndfileError, RuntimeError) as err:
         raise AudioError(path, f"cannot decode audio ({err})") from err
 

@@ -2,6 +2,7 @@
 
 Skip reasons, in the order they are checked:
 
+    bad_text    the transcript beside the audio is not UTF-8 text (found while discovering inputs)
     unreadable  missing, not an audio format libsndfile knows, or undecodable from the start
     empty       zero bytes, or a valid header with no audio frames
     truncated   fewer frames than the header promises: libsndfile's WAV log ("data : N (should be M)"),
@@ -22,12 +23,12 @@ import re
 import numpy as np
 import soundfile
 
-from data_pipelines.audio import SAMPLE_RATE, AudioError, load_audio
+from data_pipelines.audio import SAMPLE_RATE, AudioError, load_audio, open_audio
 from data_pipelines.errors import UserError
 from data_pipelines.ingest.layouts import Item
 from data_pipelines.records import CODECS, Utterance, encode_record
 
-REASONS = ("unreadable", "empty", "truncated", "non_finite", "too_short", "silent", "too_long")
+REASONS = ("bad_text", "unreadable", "empty", "truncated", "non_finite", "too_short", "silent", "too_long")
 
 # libsndfile logs a chunk whose declared size exceeds the bytes present as "data : 96000 (should be 47978)".
 _SHORT_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
@@ -77,7 +78,7 @@ class Decoded:
 def _decodable_frames(path: str) -> int:
     n = 0
     try:
-        with soundfile.SoundFile(path) as f:
+        with open_audio(path) as f:
             for block in f.blocks(blocksize=4096):
                 n += len(block)
     except (soundfile.LibsndfileError, RuntimeError):
@@ -88,11 +89,13 @@ def _decodable_frames(path: str) -> int:
 def load_checked(path: str, filters: Filters) -> np.ndarray:
     """16 kHz mono float32 audio of `path`, or raises `Skip`; never returns a bad waveform."""
     if not os.path.isfile(path):
+        if os.path.islink(path):
+            raise Skip("unreadable", "a symbolic link to nothing (broken or looping)")
         raise Skip("unreadable", "no such file")
     if os.path.getsize(path) == 0:
         raise Skip("empty", "zero-byte file")
     try:
-        with soundfile.SoundFile(path) as f:
+        with open_audio(path) as f:
             frames, rate, log = f.frames, f.samplerate, f.extra_info
     except (soundfile.LibsndfileError, RuntimeError) as err:
         raise Skip("unreadable", str(err)) from None
@@ -140,6 +143,8 @@ def decode_item(item: Item, filters: Filters, codec: str) -> Decoded:
     """Loads, checks and encodes one item (top-level so spawn-started workers can import it)."""
     if codec not in CODECS:
         raise UserError(f"unknown codec {codec!r}; choose one of {CODECS}")
+    if item.problem:
+        return Decoded(skip=("bad_text", item.problem))
     try:
         wave = load_checked(item.path, filters)
     except Skip as skip:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 import pathlib
 from collections.abc import Callable, Sequence
@@ -44,6 +45,7 @@ class Item:
     split: str
     language: str = UNKNOWN_LANGUAGE
     text: str = ""
+    problem: str = ""  # why it cannot be used although its audio may be fine (a transcript that is not UTF-8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,10 +60,17 @@ class _Options:
         return self.language or default or UNKNOWN_LANGUAGE
 
 
+def _text(path: pathlib.Path) -> str:
+    """A manifest or transcript file as text; one that is not UTF-8 is the user's to convert."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e}); convert it, e.g. iconv -f LATIN1 -t UTF-8") from e
+
+
 def _read_tsv(path: pathlib.Path) -> list[dict[str, str]]:
     # QUOTE_NONE: Common Voice sentences contain bare quotes that the default dialect would eat.
-    with path.open(encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return list(csv.DictReader(io.StringIO(_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
 
 
 def _require_columns(path: pathlib.Path, rows: list[dict[str, str]], columns: Sequence[str]) -> None:
@@ -70,7 +79,7 @@ def _require_columns(path: pathlib.Path, rows: list[dict[str, str]], columns: Se
 
 
 def _is_fairseq_manifest(path: pathlib.Path) -> bool:
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="replace") as f:  # a guess at the layout: never fails on bytes
         first, second = f.readline(), f.readline()
     return bool(first.strip()) and "\t" not in first and (not second or len(second.split("\t")) == 2)
 
@@ -110,11 +119,11 @@ def read_commonvoice(root: pathlib.Path, opts: _Options) -> list[Item]:
 def _fairseq_transcripts(manifest: pathlib.Path, n: int) -> list[str]:
     wrd, ltr = manifest.with_suffix(".wrd"), manifest.with_suffix(".ltr")
     if wrd.is_file():
-        lines = [line.strip() for line in wrd.read_text(encoding="utf-8").splitlines()]
+        lines = [line.strip() for line in _text(wrd).splitlines()]
     elif ltr.is_file():
         # Letter targets: "H E L L O | W O R L D |" -> "HELLO WORLD".
         lines = [" ".join(line.replace(" ", "").split("|")).strip()
-                 for line in ltr.read_text(encoding="utf-8").splitlines()]
+                 for line in _text(ltr).splitlines()]
     else:
         return [""] * n
     if len(lines) != n:
@@ -124,7 +133,7 @@ def _fairseq_transcripts(manifest: pathlib.Path, n: int) -> list[str]:
 
 
 def _read_fairseq_file(manifest: pathlib.Path, opts: _Options) -> list[Item]:
-    lines = manifest.read_text(encoding="utf-8").splitlines()
+    lines = _text(manifest).splitlines()
     if not lines or "\t" in lines[0]:
         raise UserError(f"{manifest} is not a fairseq manifest: the first line must be the audio root "
                          f"directory")
@@ -163,7 +172,7 @@ def read_librispeech(root: pathlib.Path, opts: _Options) -> list[Item]:
     items = []
     for trans in transcripts:
         split = (opts.split or root.name) if single else trans.parents[2].name
-        for line in trans.read_text(encoding="utf-8").splitlines():
+        for line in _text(trans).splitlines():
             if not line.strip():
                 continue
             uid, _, text = line.strip().partition(" ")
@@ -173,7 +182,9 @@ def read_librispeech(root: pathlib.Path, opts: _Options) -> list[Item]:
 
 
 def _audio_files(root: pathlib.Path) -> list[pathlib.Path]:
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+    # Broken or looping links are kept, so that they are reported rather than silently missing.
+    return sorted(p for p in root.rglob("*")
+                  if p.suffix.lower() in AUDIO_EXTENSIONS and (p.is_file() or (p.is_symlink() and not p.exists())))
 
 
 def read_folder(root: pathlib.Path, opts: _Options) -> list[Item]:
@@ -185,9 +196,15 @@ def read_folder(root: pathlib.Path, opts: _Options) -> list[Item]:
     items = []
     for audio in files:
         sidecar = audio.with_suffix(".txt")
-        text = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
-        uid = audio.relative_to(base).with_suffix("").as_posix()
-        items.append(Item(str(audio), uid, opts.split or DEFAULT_SPLIT, opts.language_of(audio), text))
+        text, problem = "", ""
+        if sidecar.is_file():
+            try:
+                text = sidecar.read_bytes().decode("utf-8").strip()
+            except UnicodeDecodeError as e:  # this file is skipped and reported, the others go on
+                problem = f"transcript {sidecar.name} is not UTF-8 ({e})"
+        # An id is text in the records: a name that is not UTF-8 keeps its odd bytes as \xNN escapes.
+        uid = os.fsencode(audio.relative_to(base).with_suffix("").as_posix()).decode("utf-8", "backslashreplace")
+        items.append(Item(str(audio), uid, opts.split or DEFAULT_SPLIT, opts.language_of(audio), text, problem))
     return items
 
 

@@ -81,7 +81,7 @@ def _shard_records(plan: ShardPlan, decoded: Iterator[Decoded], result: ShardRes
 def _write_report(output_dir: pathlib.Path, skipped: list[list[str]]) -> None:
     tmp = output_dir / (REPORT_FILE + ".tmp")
     lines = ["path\treason\tdetail"] + ["\t".join(s.replace("\t", " ") for s in row) for row in skipped]
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")  # paths as the disk has them
     os.replace(tmp, output_dir / REPORT_FILE)
 
 

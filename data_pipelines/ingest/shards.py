@@ -120,7 +120,7 @@ class ProgressLog:
             self._rewrite([{"settings": settings}])
 
     def _load(self, settings: dict[str, Any]) -> None:
-        lines = self.path.read_text(encoding="utf-8").splitlines()
+        lines = self.path.read_text(encoding="utf-8", errors="surrogateescape").splitlines()
         entries = []
         for line in lines:
             try:
@@ -139,7 +139,8 @@ class ProgressLog:
 
     def _rewrite(self, entries: list[dict[str, Any]]) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8",
+                       errors="surrogateescape")
         os.replace(tmp, self.path)
 
     def done(self, name: str) -> ShardResult | None:
@@ -152,7 +153,8 @@ class ProgressLog:
 
     def add(self, name: str, result: ShardResult) -> None:
         self.finished[name] = result
-        with self.path.open("a", encoding="utf-8") as f:
+        # surrogateescape: paths that are not UTF-8 (a file system's raw bytes) are written back as they were
+        with self.path.open("a", encoding="utf-8", errors="surrogateescape") as f:
             entry = {"shard": name, "result": dataclasses.asdict(result)}
             f.write(json.dumps(entry, ensure_ascii=False) + "\n")
             f.flush()
