@@ -70,6 +70,8 @@ class PreparedSource:
         for path, expected in zip(paths, index.splits[split].num_records):
             check_shard(path, expected)
         self.records = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+        self._shards = paths
+        self._shard_starts = np.cumsum([0, *index.splits[split].num_records])
         self.lengths = index.lengths(data_dir, split).astype(np.int64)
         self.language_ids = index.language_ids(data_dir, split).astype(np.int32)
         self.languages = list(index.languages)
@@ -86,7 +88,13 @@ class PreparedSource:
         out = []
         # One record at a time: ArrayRecordDataSource.__getitems__ starts a thread pool per call,
         # which costs more than it saves for a batch of a few dozen records.
-        for raw in (self.records[int(i)] for i in indices):
+        for i in indices:
+            try:
+                raw = self.records[int(i)]
+            except RuntimeError as e:  # riegeli checks every chunk's hash: a flipped byte is caught here
+                shard = int(np.searchsorted(self._shard_starts, int(i), side="right")) - 1
+                raise UserError(f"{self._shards[shard]}: record {int(i) - self._shard_starts[shard]} cannot be read "
+                                f"({e}); restore the shard or run xlsr-jax prepare again") from e
             meta, payload = records.decode_metadata(raw)
             out.append((pcm16_payload(meta, payload), meta.get("text", "")))
         return out

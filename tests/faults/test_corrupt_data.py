@@ -39,6 +39,11 @@ def _damage(prepared, tmp_path, how):
         raw = json.loads((data / "dataset.json").read_text())
         raw["splits"][split]["num_records"][-1] += 1
         (data / "dataset.json").write_text(json.dumps(raw))
+    elif how == "flipped bytes":  # the file still opens and counts its records; riegeli's chunk hashes catch it
+        raw = bytearray(shard.read_bytes())
+        for pos in range(len(raw) // 4, len(raw), len(raw) // 4):
+            raw[pos] ^= 0x55
+        shard.write_bytes(bytes(raw))
     elif how == "corrupt dataset.json":
         (data / "dataset.json").write_bytes(b'{"codec": "pcm16", "splits": {\xff')
         shard = data / "dataset.json"
@@ -73,3 +78,24 @@ def test_train_on_damaged_data_is_one_line(how, prepared, tmp_path, capsys):
     assert err[-1].startswith("xlsr-jax train: error:") and str(bad_file) in err[-1] and CASES[how] in err[-1]
     assert "Traceback" not in "\n".join(err)
     assert not (workdir / "checkpoints").exists()
+
+
+def test_flipped_bytes_in_a_shard_name_the_shard_and_record_when_read(prepared, tmp_path):
+    data, split, shard = _damage(prepared, tmp_path, "flipped bytes")
+    source = PreparedSource(data, split)  # start-up cannot see it without reading every record
+    with pytest.raises(UserError, match=r"record \d+ cannot be read \(Corrupted Riegeli") as err:
+        for i in range(len(source)):
+            source.read([i])
+    assert str(shard) in str(err.value) and "run xlsr-jax prepare again" in str(err.value)
+
+
+def test_train_over_flipped_bytes_stops_with_one_line(prepared, tmp_path, capsys):
+    data, split, shard = _damage(prepared, tmp_path, "flipped bytes")
+    workdir = tmp_path / "run"
+    code = main(["train", "--config", SMOKE, "--workdir", str(workdir), f"--config.data.dir={data}",
+                 f"--config.data.train_split={split}", f"--config.data.eval_split={split}", "--config.train.steps=40",
+                 "--config.train.checkpoint_every=1000", "--config.train.eval_every=0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err[-5:]
+    assert err[-1].startswith("xlsr-jax train: error:") and str(shard) in err[-1] and "cannot be read" in err[-1]
+    assert "Traceback" not in "\n".join(err)
