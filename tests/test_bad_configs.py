@@ -78,3 +78,19 @@ def test_an_internal_error_keeps_its_traceback_and_says_it_is_a_bug(bug, monkeyp
     assert "Traceback" in err and "in broken" in err
     assert f"xlsr-jax init: internal error ({type(bug).__name__})" in err and "This is a bug in xlsr-jax" in err
     assert not (tmp_path / "model").exists()
+
+
+def test_running_out_of_device_memory_is_one_line_with_what_to_change(monkeypatch, tmp_path, capsys):
+    import jax
+
+    from xlsr_jax.models import heads
+
+    def too_big(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.2GiB.\nmore")
+
+    monkeypatch.setattr(heads, "init_params", too_big)
+    code = main(["init", "--preset", "tiny", "--output", str(tmp_path / "model")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "ran out of memory (RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.2GiB.)" in err[0]
+    assert "remat_policy=full" in err[0] and "xlsr-jax fit" in err[0]

@@ -444,6 +444,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"xlsr-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # anything else is a bug: keep the traceback
+        if "RESOURCE_EXHAUSTED" in str(e) and "emory" in str(e):  # the device's memory: the config asks too much
+            if args.verbose:
+                traceback.print_exc()
+            print(f"xlsr-jax {args.command}: error: the accelerator ran out of memory "
+                  f"({str(e).splitlines()[0][:300]}). Lower data.max_tokens or the batch, or set "
+                  "--config.model.overrides.remat_policy=full; `xlsr-jax fit` checks a config's memory before a run.",
+                  file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(f"xlsr-jax {args.command}: internal error ({type(e).__name__}): {e}\n"
               "This is a bug in xlsr-jax, not in your input: please report it with the traceback above.",
