@@ -70,14 +70,37 @@ def read_config(path: str | pathlib.Path) -> tuple[Wav2Vec2Config, str]:
     path = pathlib.Path(path)
     if not (path / "config.json").is_file():
         raise ModelDirError(f"{path} is not an xlsr-jax model directory: no config.json")
-    data = json.loads((path / "config.json").read_text())
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelDirError(f"{path}/config.json is corrupt ({e})") from e
+    if not isinstance(data, dict):
+        raise ModelDirError(f"{path}/config.json is not a JSON object")
     head = data.get("head")
     if head not in HEADS:
         raise ModelDirError(
             f"{path}/config.json has no valid 'head' ({head!r}); is this a Hugging Face directory? "
             "Convert it first: xlsr-jax convert hf-to-jax --input DIR --output MODEL_DIR"
         )
-    return Wav2Vec2Config.from_dict(data), head
+    try:
+        return Wav2Vec2Config.from_dict(data), head
+    except (TypeError, ValueError) as e:  # a field of the wrong type or out of range
+        raise ModelDirError(f"{path}/config.json does not describe a valid model: {e}") from e
+
+
+def _check_saved_shapes(path: pathlib.Path, saved: Any, expected: Any) -> None:
+    """Compare the saved arrays with the model config.json describes before reading any of them."""
+    def flat(tree):
+        return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+    have, want = flat(saved), flat(expected)
+    problems = [f"{k} missing" for k in sorted(set(want) - set(have))]
+    problems += [f"{k} not in the model" for k in sorted(set(have) - set(want))]
+    problems += [f"{k} saved {have[k]}, the model has {want[k]}" for k in sorted(set(have) & set(want))
+                 if have[k] != want[k]]
+    if problems:
+        raise ModelDirError(f"{path}/params does not match the model in config.json ({len(problems)} arrays): "
+                            + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else ""))
 
 
 def load_model_dir(
@@ -105,6 +128,7 @@ def load_model_dir(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
     with ocp.StandardCheckpointer() as ckptr:
+        _check_saved_shapes(path, ckptr.metadata(path / "params").item_metadata.tree, abstract)
         try:
             params = ckptr.restore(path / "params", target)
         except (ValueError, KeyError) as e:
