@@ -94,3 +94,16 @@ def test_running_out_of_device_memory_is_one_line_with_what_to_change(monkeypatc
     assert code == 2 and len(err) == 1, err
     assert "ran out of memory (RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.2GiB.)" in err[0]
     assert "remat_policy=full" in err[0] and "xlsr-jax fit" in err[0]
+
+
+def test_fine_tuning_from_a_model_of_another_size_is_one_line(data_dir, tmp_path, capsys):
+    assert main(["init", "--preset", "tiny", "--head", "base", "--output", str(tmp_path / "pretrained")]) == 0
+    capsys.readouterr()
+    workdir = tmp_path / "run"
+    code = main(["train", "--config", "experiments/finetune_ctc.py:smoke", "--workdir", str(workdir),
+                 f"--config.data.dir={data_dir}", f"--config.model.init_from={tmp_path / 'pretrained'}",
+                 "--config.model.overrides.hidden_size=64", "--config.train.steps=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("xlsr-jax train: error:"), err[-3:]
+    assert "model.overrides change the architecture" in err[-1] and "hidden_size" in err[-1]
+    assert not (workdir / "checkpoints").exists()
