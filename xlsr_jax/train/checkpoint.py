@@ -93,13 +93,14 @@ class Checkpointer:
             items["data"] = data
         if config is not None:
             items["config"] = ocp.args.JsonSave(json.loads(json.dumps(config, default=str)))
-        with self._storage_errors(step):  # a save first waits for the previous one, whose error surfaces here
+        with self._storage_errors():  # a save first waits for the previous one, whose error surfaces here
             return self._manager.save(step, args=ocp.args.Composite(**items), metrics=dict(metrics or {}) or None,
                                       force=force)
 
     @contextlib.contextmanager
-    def _storage_errors(self, step: int | None = None):
-        """Turn a full disk during a save into one actionable line (Orbax raises it from its writer)."""
+    def _storage_errors(self):
+        """Turn a full disk during a save into one actionable line. Orbax raises it from its writer when the
+        next save or wait runs, so which save failed is not known here: the message names the last committed."""
         try:
             yield
         except Exception as e:
@@ -107,7 +108,7 @@ class Checkpointer:
                 raise
             latest = self._manager.latest_step()
             raise StorageFullError(
-                f"saving a checkpoint{'' if step is None else f' at step {step}'} to {self.directory} failed: "
+                f"saving a checkpoint to {self.directory} failed: "
                 f"the storage is full ({next(m for m in STORAGE_FULL_MESSAGES if m in str(e))}). "
                 + (f"The last committed checkpoint, step {latest}, is intact: free space and rerun the same "
                    "command to resume from it." if latest is not None else
