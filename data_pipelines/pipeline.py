@@ -44,7 +44,7 @@ from data_pipelines import audio, sampling
 from data_pipelines.batching import (BatchPlan, EvalPlan, assign_buckets, bucket_lengths, budget_batch_sizes,
                                     crop_bucket_lengths)
 from data_pipelines.errors import UserError
-from data_pipelines.sources import AudioSource, PreparedSource
+from data_pipelines.sources import AudioSource, PreparedSource, UnreadableRecordError
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,10 @@ class PipelineConfig:
     worker_buffer_size: int = 2  # batches each worker keeps ready
     read_threads: int = 1  # threads per process that prepare batches ahead
     prefetch_batches: int = 4
+    # Training batches only: an unreadable record (see sources.UnreadableRecordError) is logged and its
+    # row filled with a copy of another row of the batch, and the batch carries `bad_records` (its count)
+    # for the train loop to report and limit. False: the error stops the pipeline.
+    skip_unreadable: bool = False
 
     def validate(self) -> None:
         """Raise ValueError naming every inconsistent setting."""
@@ -152,7 +156,9 @@ class _ReadBatch:
         mask = np.zeros((len(recs), padded), dtype=np.int32)
         lengths = np.zeros(len(recs), dtype=np.int64)
         texts = []
-        for i, ((wave, text), pos) in enumerate(zip(self.source.read(recs), positions)):
+        fill, read, bad = self._read(recs)
+        recs = recs[fill]  # a skipped record's row is a copy of a readable one of this batch
+        for i, ((wave, text), pos) in enumerate(zip(read, positions)):
             if len(wave) > limit:
                 start = _crop_offset(cfg.seed, pos, len(wave) - limit)
                 wave = wave[start : start + limit]
@@ -174,7 +180,42 @@ class _ReadBatch:
             "texts": texts,
             "language_id": self.source.language_ids[recs].astype(np.int32),
             "positions": np.asarray(positions, np.int64),  # global stream positions (seed per-row targets)
+            **({"bad_records": np.int64(bad)} if self.config.skip_unreadable else {}),
         }
+
+    def _read(self, recs: np.ndarray) -> tuple[np.ndarray, list[tuple[np.ndarray, str]], int]:
+        """(the row whose record fills each row, (audio, text) per row, how many rows were substituted)."""
+        try:
+            return np.arange(len(recs)), self.source.read(recs), 0
+        except UnreadableRecordError:
+            if not self.config.skip_unreadable:
+                raise
+        rows: list[tuple[np.ndarray, str] | None] = []
+        for r in recs:  # again one record at a time, to find which ones fail
+            try:
+                rows.append(self.source.read([r])[0])
+            except UnreadableRecordError as e:
+                log.warning("skipping an unreadable training record: %s", e)
+                rows.append(None)
+                error = e
+        good = [i for i, row in enumerate(rows) if row is not None]
+        if not good:
+            raise UnreadableRecordError(error.shard, error.record, ValueError(
+                f"and every other record of its batch ({len(recs)} rows) is unreadable too"))
+        # Each bad row takes the nearest readable row before it (after it for leading bad rows): the
+        # batch keeps its shape and bucket, and the loss sees only real audio.
+        fill = [max([g for g in good if g <= i], default=good[0]) for i in range(len(rows))]
+        return np.asarray(fill), [rows[f] for f in fill], len(rows) - len(good)
+
+
+class _KeepBadCount:
+    """`targets`, with the raw batch's `bad_records` count passed through."""
+
+    def __init__(self, targets: Targets):
+        self.targets = targets
+
+    def __call__(self, raw: dict, rng: np.random.Generator) -> dict:
+        return {**self.targets(raw, rng), "bad_records": raw["bad_records"]}
 
 
 def _absl_flags_parsed() -> None:
@@ -258,7 +299,8 @@ def make_dataset(
     targets.check(config.min_sample_size)
     plan = make_plan(source, config, targets.crop, shard_count)
     ds = grain.MapDataset.range(plan.num_batches).map(_ReadBatch(source, plan, config, shard_index, shard_count))
-    ds = ds.random_map(targets, seed=sampling.derived_seed(config.seed, 3, shard_index))
+    ds = ds.random_map(_KeepBadCount(targets) if config.skip_unreadable else targets,
+                       seed=sampling.derived_seed(config.seed, 3, shard_index))
     it_ds = ds.to_iter_dataset(
         grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_batches)
     )

@@ -43,6 +43,15 @@ def pcm16_payload(meta: dict, payload: memoryview) -> np.ndarray:
     raise UserError(f"record {meta.get('id')!r} has unknown codec {meta['codec']!r}")
 
 
+class UnreadableRecordError(UserError):
+    """A record of a prepared shard failed its checksum or could not be parsed."""
+
+    def __init__(self, shard: pathlib.Path, record: int, cause: Exception):
+        self.shard, self.record = shard, record
+        super().__init__(f"{shard}: record {record} cannot be read ({cause}); restore the shard or run "
+                         "xlsr-jax prepare again")
+
+
 def check_shard(path: pathlib.Path, expected_records: int) -> None:
     """Raise a UserError naming `path` if the shard is missing, unreadable (e.g. truncated: ArrayRecord
     keeps its index in a footer) or holds another number of records than dataset.json says."""
@@ -92,9 +101,17 @@ class PreparedSource:
             try:
                 raw = self.records[int(i)]
             except RuntimeError as e:  # riegeli checks every chunk's hash: a flipped byte is caught here
-                shard = int(np.searchsorted(self._shard_starts, int(i), side="right")) - 1
-                raise UserError(f"{self._shards[shard]}: record {int(i) - self._shard_starts[shard]} cannot be read "
-                                f"({e}); restore the shard or run xlsr-jax prepare again") from e
-            meta, payload = records.decode_metadata(raw)
-            out.append((pcm16_payload(meta, payload), meta.get("text", "")))
+                raise self._unreadable(int(i), e) from e
+            try:
+                meta, payload = records.decode_metadata(raw)
+                pcm = pcm16_payload(meta, payload)
+            except Exception as e:  # a record that passed the checksum but does not parse: written wrongly
+                raise self._unreadable(int(i), e) from e
+            if len(pcm) != self.lengths[i]:  # the batch plan padded and bucketed by the index's length
+                raise self._unreadable(int(i), ValueError(f"{len(pcm)} samples, the index says {self.lengths[i]}"))
+            out.append((pcm, meta.get("text", "")))
         return out
+
+    def _unreadable(self, i: int, cause: Exception) -> UnreadableRecordError:
+        shard = int(np.searchsorted(self._shard_starts, i, side="right")) - 1
+        return UnreadableRecordError(self._shards[shard], i - int(self._shard_starts[shard]), cause)

@@ -1,6 +1,8 @@
 """Bad `xlsr-jax train` configurations: each is one line naming the key, exit code 2, before anything
 compiles or is written (no checkpoint, no compiled program)."""
 
+import json
+
 import pytest
 
 from data_pipelines.corpus import corpus_dir
@@ -107,3 +109,19 @@ def test_fine_tuning_from_a_model_of_another_size_is_one_line(data_dir, tmp_path
     assert code == 2 and err[-1].startswith("xlsr-jax train: error:"), err[-3:]
     assert "model.overrides change the architecture" in err[-1] and "hidden_size" in err[-1]
     assert not (workdir / "checkpoints").exists()
+
+
+def test_resuming_with_a_vocabulary_that_does_not_match_the_head_is_one_line(data_dir, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    ctc = ["train", "--config", "experiments/finetune_ctc.py:smoke", "--workdir", str(workdir),
+           f"--config.data.dir={data_dir}", "--config.train.eval_every=0", "--config.train.checkpoint_every=1"]
+    assert main([*ctc, "--config.train.steps=1"]) == 0
+    vocab = json.loads((workdir / "vocab.json").read_text())
+    (tmp_path / "small.json").write_text(json.dumps({token: i for i, token in enumerate(list(vocab)[:20])}))
+    capsys.readouterr()
+    code = main([*ctc, "--config.train.steps=2", f"--config.data.vocab={tmp_path / 'small.json'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("xlsr-jax train: error:"), err[-3:]
+    assert f"['params']['lm_head']['kernel'] saved (32, {len(vocab)}), the model has (32, 20)" in err[-1]
+    assert "data.vocab" in err[-1] and "Traceback" not in "\n".join(err)
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]

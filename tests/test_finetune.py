@@ -10,7 +10,9 @@ fine-tuned model itself.
 """
 
 import json
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -79,6 +81,14 @@ def test_ctc_finetune_evaluate_export_and_pipeline(pretrained, tmp_path, capsys)
     ckpt.close()
     saved = json.loads((root / "ctc" / "checkpoints" / "30" / "metrics" / "metrics").read_text())
     assert saved == {"wer": pytest.approx(final["wer"])}
+    # Preempted after its step-15 checkpoint, the run resumes exactly: the same losses and parameters.
+    resumed_dir = tmp_path / "resumed"
+    shutil.copytree(root / "ctc", resumed_dir, ignore=lambda d, names: ["30"] if d.endswith("checkpoints") else [])
+    resumed = train_and_evaluate(config, resumed_dir)
+    assert [h["step"] for h in resumed.history] == list(range(16, 31))
+    assert [h["loss"] for h in resumed.history] == losses[15:]
+    for a, b in zip(jax.tree.leaves(resumed.state.params), jax.tree.leaves(result.state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
     model = tmp_path / "ctc_model"
     assert main(["export", "--workdir", str(root / "ctc"), "--output", str(model)]) == 0

@@ -26,6 +26,7 @@ from data_pipelines.errors import UserError
 from xlsr_jax.config import HEADS, HF_ARCHITECTURES, Wav2Vec2Config
 from xlsr_jax.convert import layout
 from xlsr_jax.models.heads import abstract_params
+from xlsr_jax.train.checkpoint import shape_differences
 
 MODEL_FILES = ("config.json", "params")
 
@@ -90,14 +91,7 @@ def read_config(path: str | pathlib.Path) -> tuple[Wav2Vec2Config, str]:
 
 def _check_saved_shapes(path: pathlib.Path, saved: Any, expected: Any) -> None:
     """Compare the saved arrays with the model config.json describes before reading any of them."""
-    def flat(tree):
-        return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
-
-    have, want = flat(saved), flat(expected)
-    problems = [f"{k} missing" for k in sorted(set(want) - set(have))]
-    problems += [f"{k} not in the model" for k in sorted(set(have) - set(want))]
-    problems += [f"{k} saved {have[k]}, the model has {want[k]}" for k in sorted(set(have) & set(want))
-                 if have[k] != want[k]]
+    problems = shape_differences(saved, expected)
     if problems:
         raise ModelDirError(f"{path}/params does not match the model in config.json ({len(problems)} arrays): "
                             + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else ""))

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import optax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 # How storage that is out of space shows in the errors Orbax and tensorstore raise (ENOSPC, EDQUOT, and
 # EFBIG for a file-size limit): they come as ValueError/OSError text, not as OSError errno.
 STORAGE_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded", "File too large")
+
+
+class CheckpointMismatchError(UserError):
+    """The run's config builds parameters of other shapes than its checkpoint holds."""
 
 
 class StorageFullError(UserError):
@@ -123,6 +128,7 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no committed checkpoint in {self.directory}")
+        self._check_params(step, abstract_state)
         items: dict[str, Any] = {"state": ocp.args.StandardRestore(abstract_state)}
         data = _data_args(data_iterator, save=False)
         if data is not None:
@@ -130,6 +136,22 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**items))
         log.info("restored step %d from %s", step, self.directory)
         return step, restored["state"]
+
+    def _check_params(self, step: int, abstract_state) -> None:
+        """For a train state (a `.params` field): a config that builds other parameters than the checkpoint
+        holds (another model size, head or vocabulary) is a CheckpointMismatchError, found from the
+        metadata before any array is read."""
+        if not hasattr(abstract_state, "params"):
+            return
+        with ocp.StandardCheckpointer() as reader:
+            saved = reader.metadata(self.directory / str(step) / "state").item_metadata.tree
+        problems = shape_differences({"params": saved.get("params", {})}, {"params": abstract_state.params})
+        if problems:
+            raise CheckpointMismatchError(
+                f"the checkpoint of step {step} in {self.directory} holds other parameters than this config builds "
+                f"({len(problems)} arrays: " + "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+                + "). The model settings (model.preset, model.overrides, the CTC vocabulary data.vocab) changed "
+                "since it was saved: resume with the ones it started with, or train in a new --workdir")
 
     def read_state(self, step: int | None = None):
         """The saved train state, whole on this host's first device: for inspection and export.
@@ -166,8 +188,24 @@ class Checkpointer:
             self._manager.close()
 
 
+def shape_differences(saved: Any, expected: Any) -> list[str]:
+    """What differs between two array trees by key path (e.g. a checkpoint's metadata tree and the
+    abstract tree a config builds): arrays missing, extra, or of another shape."""
+    def flat(tree):
+        return {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+    have, want = flat(saved), flat(expected)
+    problems = [f"{k} missing" for k in sorted(set(want) - set(have))]
+    problems += [f"{k} not in the model" for k in sorted(set(have) - set(want))]
+    return problems + [f"{k} saved {have[k]}, the model has {want[k]}" for k in sorted(set(have) & set(want))
+                       if have[k] != want[k]]
+
+
 def abstract_with_shardings(abstract_state, shardings):
     """ShapeDtypeStructs carrying the target shardings: what `Checkpointer.restore` needs."""
+    # optax.MaskedNode (the state of a masked-off or frozen parameter group) holds no array, while
+    # flax's sharding tree has a leaf there: keep it as it is.
     return jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+        lambda a, s: a if isinstance(a, optax.MaskedNode) else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        abstract_state, shardings, is_leaf=lambda x: isinstance(x, optax.MaskedNode),
     )

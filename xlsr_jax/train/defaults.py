@@ -20,6 +20,9 @@ def train_section(steps: int, eval_every: int, checkpoint_every: int) -> ml_coll
         "best_metric": "",  # eval-split metric the best checkpoint (kept beside the last N) is chosen by; "": the task's
         "best_mode": "min",  # for a best_metric given here: "min" or "max"
         "max_nonfinite_streak": 20,
+        # Unreadable training records (a corrupt shard) each process skips, logging each one and counting
+        # them in the metrics as bad_records, before the run stops; 0: stop at the first.
+        "max_bad_records": 10,
         "async_checkpointing": True,
         "checkpoint_ocdbt": True,  # tensorstore's OCDBT layout; False: one file per chunk (see train/checkpoint.py)
         # JAX's persistent compilation cache: "auto" = WORKDIR/compile_cache (local workdirs), a path, or "" (off)

@@ -280,6 +280,7 @@ def pipeline_config(config: ml_collections.ConfigDict, per_host_batch: int, spli
         language_sampling=d.get("language_sampling", "records"),
         worker_count=d.get("worker_count", 0),
         num_epochs=None,
+        skip_unreadable=mesh is not None and int(config.train.get("max_bad_records", 0)) > 0,
     )
 
 
@@ -340,12 +341,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
     preempted = False
     last_log_time, audio_since_log, flops_since_log = time.perf_counter(), 0.0, 0.0
     max_streak = config.train.max_nonfinite_streak
+    max_bad, bad_records = int(config.train.get("max_bad_records", 0)), 0
     config_json = config.to_dict()
     profiler = _Profiler(workdir, config.train, step)
     with _Preemption() as preemption:
         while step < total:
             profiler.before(step)
             host_batch = next(train_iter)
+            if host_batch.get("bad_records", 0):
+                bad_records += int(host_batch["bad_records"])
+                if bad_records > max_bad:
+                    checkpointer.wait()
+                    raise TrainingError(
+                        f"{bad_records} unreadable training records on this process (the log names each), more "
+                        f"than train.max_bad_records={max_bad}; stopping before step {step + 1}. The last "
+                        f"checkpoint (step {checkpointer.latest_step()}) is intact. Restore the shards or run "
+                        "xlsr-jax prepare again, or raise train.max_bad_records.")
             # Host bookkeeping from the per-row lengths (never the [B, samples] mask): every host reads
             # the same number of rows, so this host's audio x process count is the step's.
             audio_since_log += float(np.sum(host_batch["lengths"])) * jax.process_count() / 16000.0
@@ -375,6 +386,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
                 m["audio_seconds_per_second"] = rate
                 m["frames_per_second"] = rate * 16000 / model_config.downsample
                 m["step_time"] = elapsed / config.train.log_every
+                if max_bad:
+                    m["bad_records"] = bad_records  # this process's, since it started
                 if peak:
                     m["mfu"] = flops_since_log / elapsed / (peak * jax.device_count())
                 last_log_time, audio_since_log, flops_since_log = now, 0.0, 0.0
