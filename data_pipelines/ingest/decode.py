@@ -95,6 +95,10 @@ def load_checked(path: str, filters: Filters) -> np.ndarray:
     if os.path.getsize(path) == 0:
         raise Skip("empty", "zero-byte file")
     try:
+        open(path, "rb").close()  # libsndfile reports a permission error as "System error."
+    except PermissionError:
+        raise Skip("unreadable", "permission denied: the user running prepare cannot read it") from None
+    try:
         with open_audio(path) as f:
             frames, rate, log = f.frames, f.samplerate, f.extra_info
     except (soundfile.LibsndfileError, RuntimeError) as err:
@@ -143,8 +147,8 @@ def decode_item(item: Item, filters: Filters, codec: str) -> Decoded:
     """Loads, checks and encodes one item (top-level so spawn-started workers can import it)."""
     if codec not in CODECS:
         raise UserError(f"unknown codec {codec!r}; choose one of {CODECS}")
-    if item.problem:
-        return Decoded(skip=("bad_text", item.problem))
+    if item.skip is not None:
+        return Decoded(skip=item.skip)
     try:
         wave = load_checked(item.path, filters)
     except Skip as skip:

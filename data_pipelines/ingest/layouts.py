@@ -45,7 +45,9 @@ class Item:
     split: str
     language: str = UNKNOWN_LANGUAGE
     text: str = ""
-    problem: str = ""  # why it cannot be used although its audio may be fine (a transcript that is not UTF-8)
+    # (reason, detail) when it cannot be used whatever its audio: a transcript that is not UTF-8, a
+    # directory that cannot be listed; reported like a file that does not decode
+    skip: tuple[str, str] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,31 +183,49 @@ def read_librispeech(root: pathlib.Path, opts: _Options) -> list[Item]:
     return items
 
 
-def _audio_files(root: pathlib.Path) -> list[pathlib.Path]:
-    # Broken or looping links are kept, so that they are reported rather than silently missing.
-    return sorted(p for p in root.rglob("*")
-                  if p.suffix.lower() in AUDIO_EXTENSIONS and (p.is_file() or (p.is_symlink() and not p.exists())))
+def _audio_files(root: pathlib.Path) -> tuple[list[pathlib.Path], list[OSError]]:
+    """(audio files under `root`, the errors of directories that could not be listed)."""
+    errors: list[OSError] = []
+    files = []
+    # os.walk, not Path.rglob: rglob passes over a directory it cannot list without a word. Neither
+    # follows links to directories; broken or looping file links are kept, so that they are reported.
+    for parent, _, names in os.walk(root, onerror=errors.append):
+        for name in names:
+            p = pathlib.Path(parent, name)
+            if p.suffix.lower() in AUDIO_EXTENSIONS and (p.is_file() or (p.is_symlink() and not p.exists())):
+                files.append(p)
+    return sorted(files), errors
 
 
 def read_folder(root: pathlib.Path, opts: _Options) -> list[Item]:
-    """Every audio file under `root` (or `root` itself when it is one file)."""
-    files = [root] if root.is_file() else _audio_files(root)
-    if not files:
+    """Every audio file under `root` (or `root` itself when it is one file); a directory that cannot be
+    listed is an item that is skipped and reported."""
+    files, errors = ([root], []) if root.is_file() else _audio_files(root)
+    if not files and not errors:
         raise UserError(f"{root} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
     base = root.parent if root.is_file() else root
+    split = opts.split or DEFAULT_SPLIT
     items = []
     for audio in files:
         sidecar = audio.with_suffix(".txt")
-        text, problem = "", ""
+        text, skip = "", None
         if sidecar.is_file():
             try:
                 text = sidecar.read_bytes().decode("utf-8").strip()
             except UnicodeDecodeError as e:  # this file is skipped and reported, the others go on
-                problem = f"transcript {sidecar.name} is not UTF-8 ({e})"
-        # An id is text in the records: a name that is not UTF-8 keeps its odd bytes as \xNN escapes.
-        uid = os.fsencode(audio.relative_to(base).with_suffix("").as_posix()).decode("utf-8", "backslashreplace")
-        items.append(Item(str(audio), uid, opts.split or DEFAULT_SPLIT, opts.language_of(audio), text, problem))
+                skip = ("bad_text", f"transcript {sidecar.name} is not UTF-8 ({e})")
+        items.append(Item(str(audio), _relative_id(audio.with_suffix(""), base), split, opts.language_of(audio), text,
+                          skip))
+    for err in errors:
+        detail = f"a directory that cannot be listed ({err.strerror}): its files are left out"
+        items.append(Item(str(err.filename), _relative_id(pathlib.Path(err.filename), base), split, UNKNOWN_LANGUAGE,
+                          skip=("unreadable", detail)))
     return items
+
+
+def _relative_id(path: pathlib.Path, base: pathlib.Path) -> str:
+    # An id is text in the records: a name that is not UTF-8 keeps its odd bytes as \xNN escapes.
+    return os.fsencode(path.relative_to(base).as_posix()).decode("utf-8", "backslashreplace")
 
 
 READERS: dict[str, Callable[[pathlib.Path, _Options], list[Item]]] = {
