@@ -1,9 +1,11 @@
 """Decode one input file into records, or say why it is skipped (runs in worker processes).
 
-Skip reasons, in the order they are checked:
+Skip reasons, in the order they are checked (the first three are found while discovering inputs):
 
-    bad_text    the transcript beside the audio is not UTF-8 text (found while discovering inputs)
-    unreadable  missing, not an audio format libsndfile knows, or undecodable from the start
+    duplicate   a path listed again (in the same or another split, or by another input): the first is kept
+    outside_root  a manifest entry whose relative path leads outside the manifest's audio root
+    bad_text    the transcript beside the audio is not UTF-8 text
+    unreadable  a directory that cannot be listed, a file that may not be read, missing, not an audio format libsndfile knows, or undecodable from the start
     empty       zero bytes, or a valid header with no audio frames
     truncated   fewer frames than the header promises: libsndfile's WAV log ("data : N (should be M)"),
                 a decoder error after some frames (FLAC "lost sync"), or a short decode (MP3)
@@ -28,7 +30,7 @@ from data_pipelines.errors import UserError
 from data_pipelines.ingest.layouts import Item
 from data_pipelines.records import CODECS, Utterance, encode_record
 
-REASONS = ("bad_text", "unreadable", "empty", "truncated", "non_finite", "too_short", "silent", "too_long")
+REASONS = ("duplicate", "outside_root", "bad_text", "unreadable", "empty", "truncated", "non_finite", "too_short", "silent", "too_long")
 
 # libsndfile logs a chunk whose declared size exceeds the bytes present as "data : 96000 (should be 47978)".
 _SHORT_CHUNK = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)

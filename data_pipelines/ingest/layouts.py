@@ -80,6 +80,14 @@ def _require_columns(path: pathlib.Path, rows: list[dict[str, str]], columns: Se
         raise UserError(f"{path}: missing column(s) {missing}; it has {sorted(rows[0])}")
 
 
+def _entry(root: pathlib.Path, rel: str, manifest: pathlib.Path) -> tuple[pathlib.Path, tuple[str, str] | None]:
+    """(root / rel, a skip when the entry leads outside `root`: "../" climbing out, or an absolute path)."""
+    audio = root / rel
+    if os.path.isabs(rel) or os.path.normpath(rel).split(os.sep)[0] == os.pardir:
+        return audio, ("outside_root", f"{manifest.name} lists {rel!r}, outside its audio root {root}")
+    return audio, None
+
+
 def _is_fairseq_manifest(path: pathlib.Path) -> bool:
     with path.open(encoding="utf-8", errors="replace") as f:  # a guess at the layout: never fails on bytes
         first, second = f.readline(), f.readline()
@@ -94,10 +102,12 @@ def read_corpus(root: pathlib.Path, opts: _Options) -> list[Item]:
     _require_columns(manifest, rows, ["path"])
     items = []
     for row in rows:
-        audio = base / row["path"]
+        # An absolute path is allowed here (the manifest's directory is not declared a root); "../" is not.
+        audio, skip = _entry(base, row["path"], manifest) if not os.path.isabs(row["path"]) else (
+            pathlib.Path(row["path"]), None)
         split = row.get("split") or opts.split or DEFAULT_SPLIT
         language = row.get("language") or opts.language_of(audio)
-        items.append(Item(str(audio), row.get("id") or audio.stem, split, language, row.get("text") or ""))
+        items.append(Item(str(audio), row.get("id") or audio.stem, split, language, row.get("text") or "", skip))
     return items
 
 
@@ -112,9 +122,9 @@ def read_commonvoice(root: pathlib.Path, opts: _Options) -> list[Item]:
         rows = _read_tsv(table)
         _require_columns(table, rows, ["path", "sentence"])
         for row in rows:
-            audio = root / "clips" / row["path"]
+            audio, skip = _entry(root / "clips", row["path"], table)
             language = row.get("locale") or opts.language_of(audio, default=root.name)
-            items.append(Item(str(audio), audio.stem, table.stem, language, row["sentence"].strip()))
+            items.append(Item(str(audio), audio.stem, table.stem, language, row["sentence"].strip(), skip))
     return items
 
 
@@ -147,9 +157,9 @@ def _read_fairseq_file(manifest: pathlib.Path, opts: _Options) -> list[Item]:
     items = []
     for line, text in zip(entries, texts):
         rel = line.split("\t")[0]
-        audio = root / rel
+        audio, skip = _entry(root, rel, manifest)
         uid = os.path.splitext(rel)[0]
-        items.append(Item(str(audio), uid, opts.split or manifest.stem, opts.language_of(audio), text))
+        items.append(Item(str(audio), uid, opts.split or manifest.stem, opts.language_of(audio), text, skip))
     return items
 
 
@@ -294,10 +304,17 @@ def discover(
         items.extend(found)
         layouts.append(name)
     seen: dict[tuple[str, str], str] = {}
-    for item in items:
+    first: dict[str, Item] = {}
+    for k, item in enumerate(items):
         if (prev := seen.setdefault((item.split, item.id), item.path)) != item.path:
             raise UserError(f"two inputs share the id {item.id!r} in split {item.split!r}: {prev} and "
                              f"{item.path}")
+        # The same file twice (a manifest listing it again, in another split, or two inputs): the first
+        # listing is kept, so a file never trains twice per epoch nor leaks from train into dev.
+        kept = first.setdefault(os.path.normpath(item.path), item)
+        if kept is not item and item.skip is None:
+            items[k] = dataclasses.replace(item, skip=("duplicate", f"already listed as {kept.id!r} in split "
+                                                                    f"{kept.split!r}"))
     if not items:
         where = ", ".join(map(str, paths)) + (f" for split {split!r}" if split else "")
         raise UserError(f"no audio found in {where}")
