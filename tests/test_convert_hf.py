@@ -4,6 +4,7 @@ import json
 import pathlib
 
 import huggingface_hub
+import jax
 import numpy as np
 import pytest
 from hf_helpers import batch, hf_forward, random_hf_model, state_dict, transformers
@@ -292,3 +293,33 @@ def test_jax_to_hf_writes_a_ctc_tokenizer(tmp_path, caplog):
     with pytest.raises(ConversionError, match="13 tokens but the CTC head has vocab_size=8"):
         jax_to_hf(big, tmp_path / "hf4")
     assert not (tmp_path / "hf4").exists()
+
+
+def test_legacy_pytorch_model_bin_converts_and_a_code_running_one_is_refused(tmp_path, capsys):
+    import os
+
+    import torch
+
+    hf = random_hf_model(get_preset("tiny"), "pretraining")
+    hf.save_pretrained(tmp_path / "new")
+    legacy = tmp_path / "legacy"
+    hf.save_pretrained(legacy)
+    (legacy / "model.safetensors").unlink()
+    torch.save(hf.state_dict(), legacy / "pytorch_model.bin")  # what transformers < 4.35 wrote
+    _, _, want = load_model_dir(hf_to_jax(tmp_path / "new", tmp_path / "from_new"))
+    _, _, got = load_model_dir(hf_to_jax(legacy, tmp_path / "from_legacy"))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    marker = tmp_path / "code-ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"wav2vec2.masked_spec_embed": RunsCode()}, legacy / "pytorch_model.bin")
+    capsys.readouterr()
+    assert main(["convert", "hf-to-jax", "--input", str(legacy), "--output", str(tmp_path / "evil")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pytorch_model.bin pickles posix.system" in err[0] and "--trust-pickle" in err[0], err
+    assert not marker.exists() and not (tmp_path / "evil").exists()

@@ -17,7 +17,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.direction == "hf-to-jax":
         from xlsr_jax.convert.hf import hf_to_jax
 
-        out = hf_to_jax(args.input, args.output, head=args.head)
+        out = hf_to_jax(args.input, args.output, head=args.head, trust_pickle=args.trust_pickle)
     elif args.direction == "jax-to-hf":
         from xlsr_jax.convert.hf import jax_to_hf
 
@@ -275,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="jax-to-hf: write weight_g/weight_v instead of parametrizations.weight.original0/1")
     conv.add_argument("--dict", help="fairseq-to-jax: dict.ltr.txt for CTC checkpoints without a stored dictionary")
     conv.add_argument("--trust-pickle", action="store_true",
-                      help="fairseq-to-jax: allow arbitrary pickled objects (only for files you trust)")
+                      help="fairseq-to-jax, and hf-to-jax of a legacy pytorch_model.bin: allow arbitrary pickled "
+                           "objects, which can run code stored in the file (only for files you trust)")
     conv.set_defaults(func=_cmd_convert)
 
     emb = sub.add_parser("embed", help="write one [frames, hidden] .npy per audio file")

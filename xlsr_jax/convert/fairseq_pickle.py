@@ -1,4 +1,5 @@
-"""Reading fairseq checkpoints without fairseq and without running code stored in the file.
+"""Reading fairseq checkpoints (and any pickled PyTorch file: `load_torch_file`) without fairseq and
+without running code stored in the file.
 
 `torch.load(weights_only=True)` refuses the few non-tensor classes fairseq pickles: the target
 `Dictionary` of CTC checkpoints, `argparse.Namespace` and numpy scalars of older `args`-style files.
@@ -14,7 +15,7 @@ import pathlib
 import pickle
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,43 +71,50 @@ _TRUSTED_PICKLE.load = lambda f, **kwargs: _TrustedUnpickler(f, **kwargs).load()
 
 def load_fairseq_checkpoint(path: str | pathlib.Path, trust_pickle: bool = False) -> dict:
     """Read a fairseq checkpoint with `weights_only=True` (or plain pickle when `trust_pickle`)."""
-    import torch
-
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConversionError(f"fairseq checkpoint not found: {path}")
-    if trust_pickle:
-        log.warning("loading %s with weights_only=False (--trust-pickle): it may run code stored in the file", path)
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_TRUSTED_PICKLE)
-        except Exception as e:  # e.g. a class from a package that is not installed
-            raise ConversionError(f"could not unpickle {path}: {type(e).__name__}: {e}") from e
-    else:
-        try:
-            with torch.serialization.safe_globals(_safe_globals()):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            names = _unsafe_globals(path, str(e))
-            if not names:
-                raise ConversionError(f"could not read {path} as a PyTorch checkpoint: {e}") from e
-            raise ConversionError(
-                f"{path} pickles {', '.join(names)}, which the safe loader (torch.load weights_only=True) does "
-                "not allow. trust_pickle=True (--trust-pickle) loads it with weights_only=False, which runs "
-                "arbitrary code stored in the file: use it only for files you trust."
-            ) from None
-        except Exception as e:  # a truncated or foreign file fails with zip/pickle/key errors alike
-            raise ConversionError(f"could not read {path} as a PyTorch checkpoint: {type(e).__name__}: {e}") from e
+    ckpt = load_torch_file(path, trust_pickle, allowed=_safe_globals(), trusted_pickle_module=_TRUSTED_PICKLE)
     if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("model"), Mapping):
         raise ConversionError(f"{path} is not a fairseq checkpoint: no 'model' state dict at the top level")
     return dict(ckpt)
 
 
-def _unsafe_globals(path: pathlib.Path, message: str) -> list[str]:
-    """Globals in the file that neither torch nor our stand-ins allow (best effort)."""
+def load_torch_file(path: pathlib.Path, trust_pickle: bool = False, allowed: Sequence = (),
+                    trusted_pickle_module: types.ModuleType = pickle) -> Any:
+    """`torch.load` of a pickled PyTorch file (fairseq `.pt`, Hugging Face `pytorch_model.bin`) that runs no
+    code stored in it: `weights_only=True` plus the `allowed` globals (`torch.serialization.safe_globals`
+    entries). `trust_pickle` loads with `weights_only=False` through `trusted_pickle_module`. Every failure
+    is a ConversionError naming the file (and, for a refused global, what it is and how to allow it)."""
     import torch
 
-    ours = {name for entry in _safe_globals() if isinstance(entry, tuple) for name in [entry[1]]}
-    ours.add("argparse.Namespace")
+    if trust_pickle:
+        log.warning("loading %s with weights_only=False (--trust-pickle): it may run code stored in the file", path)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, pickle_module=trusted_pickle_module)
+        except Exception as e:  # e.g. a class from a package that is not installed
+            raise ConversionError(f"could not unpickle {path}: {type(e).__name__}: {e}") from e
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        names = _unsafe_globals(path, str(e), allowed)
+        if not names:
+            raise ConversionError(f"could not read {path} as a PyTorch checkpoint: {e}") from e
+        raise ConversionError(
+            f"{path} pickles {', '.join(names)}, which the safe loader (torch.load weights_only=True) does "
+            "not allow. trust_pickle=True (--trust-pickle) loads it with weights_only=False, which runs "
+            "arbitrary code stored in the file: use it only for files you trust."
+        ) from None
+    except Exception as e:  # a truncated or foreign file fails with zip/pickle/key errors alike
+        raise ConversionError(f"could not read {path} as a PyTorch checkpoint: {type(e).__name__}: {e}") from e
+
+
+def _unsafe_globals(path: pathlib.Path, message: str, allowed: Sequence) -> list[str]:
+    """Globals in the file that neither torch nor `allowed` allow (best effort)."""
+    import torch
+
+    ours = {entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}" for entry in allowed}
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # noqa: BLE001 - e.g. an opcode the scanner does not know: fall back to torch's message
@@ -117,4 +125,4 @@ def _unsafe_globals(path: pathlib.Path, message: str) -> list[str]:
     return sorted(set(names))
 
 
-__all__ = ["DictionaryStub", "load_fairseq_checkpoint"]
+__all__ = ["DictionaryStub", "load_fairseq_checkpoint", "load_torch_file"]

@@ -130,8 +130,9 @@ def params_to_state_dict(
 # ---- directories -------------------------------------------------------------------------------
 
 
-def read_hf_dir(hf_dir: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(config.json dict, state dict) of a Hugging Face model directory."""
+def read_hf_dir(hf_dir: str | pathlib.Path, trust_pickle: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config.json dict, state dict) of a Hugging Face model directory (`trust_pickle`: a legacy
+    pytorch_model.bin may unpickle arbitrary objects, see `fairseq_pickle.load_torch_file`)."""
     hf_dir = pathlib.Path(hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
@@ -146,7 +147,7 @@ def read_hf_dir(hf_dir: str | pathlib.Path) -> tuple[dict[str, Any], dict[str, n
     feature_extractor = _read_feature_extractor(hf_dir)
     if feature_extractor is not None:
         hf_config["do_normalize"] = feature_extractor.get("do_normalize", True)
-    return hf_config, _read_hf_weights(hf_dir)
+    return hf_config, _read_hf_weights(hf_dir, trust_pickle)
 
 
 def _read_feature_extractor(hf_dir: pathlib.Path) -> dict[str, Any] | None:
@@ -159,7 +160,7 @@ def _read_feature_extractor(hf_dir: pathlib.Path) -> dict[str, Any] | None:
     return None
 
 
-def _read_hf_weights(hf_dir: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_hf_weights(hf_dir: pathlib.Path, trust_pickle: bool = False) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     if (hf_dir / "model.safetensors").is_file():
@@ -172,9 +173,11 @@ def _read_hf_weights(hf_dir: pathlib.Path) -> dict[str, np.ndarray]:
             sd.update(load_file(hf_dir / shard))
         return sd
     if (hf_dir / LEGACY_WEIGHTS).is_file():
-        import torch
+        from xlsr_jax.convert.fairseq_pickle import load_torch_file  # imports this module: not at the top
 
-        sd = torch.load(hf_dir / LEGACY_WEIGHTS, map_location="cpu", weights_only=True)
+        sd = load_torch_file(hf_dir / LEGACY_WEIGHTS, trust_pickle)
+        if not isinstance(sd, dict):
+            raise ConversionError(f"{hf_dir / LEGACY_WEIGHTS} holds a {type(sd).__name__}, not a state dict")
         return {k: v.float().numpy() for k, v in sd.items()}
     raise ModelDirError(f"{hf_dir}: no {', '.join(WEIGHT_FILES[:-1])} or {WEIGHT_FILES[-1]}")
 
@@ -240,10 +243,10 @@ def _hub_miss(name: str | pathlib.Path, repo_id: str, revision: str | None, reas
 
 
 def hf_to_jax(hf_input: str | pathlib.Path, output: str | pathlib.Path, head: str | None = None,
-              **config_overrides: Any) -> pathlib.Path:
+              trust_pickle: bool = False, **config_overrides: Any) -> pathlib.Path:
     """Convert a Hugging Face wav2vec2 directory or Hub id (`resolve_hf_input`) into an xlsr-jax model dir."""
     hf_dir = resolve_hf_input(hf_input)
-    hf_config, sd = read_hf_dir(hf_dir)
+    hf_config, sd = read_hf_dir(hf_dir, trust_pickle)
     declared = HEAD_FROM_ARCHITECTURE.get((hf_config.get("architectures") or ["Wav2Vec2Model"])[0])
     if head is None:
         if declared is None:
