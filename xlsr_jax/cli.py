@@ -138,11 +138,24 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     from data_pipelines.ingest.prepare import prepare, summarize
 
     t0 = time.perf_counter()
-    index = prepare(args.inputs, args.output, layout=args.layout, num_shards=args.num_shards,
-                    records_per_shard=args.records_per_shard, codec=args.codec, min_seconds=args.min_seconds,
-                    max_seconds=args.max_seconds, split_long=args.split_long, split=args.split,
-                    language=args.language, language_from_parent=args.language_from_parent,
-                    strict=args.strict, workers=args.workers, progress=not args.quiet)
+    settings = dict(layout=args.layout, num_shards=args.num_shards, records_per_shard=args.records_per_shard,
+                    codec=args.codec, min_seconds=args.min_seconds, max_seconds=args.max_seconds,
+                    split_long=args.split_long, split=args.split, language=args.language,
+                    language_from_parent=args.language_from_parent, strict=args.strict)
+    if args.runner:
+        from data_pipelines.ingest.beam import prepare_beam
+
+        if args.workers is not None:
+            raise UserError("--workers is for the local path; with --runner, give the runner's own option, "
+                            "e.g. --beam-option=--direct_num_workers=4")
+        logging.getLogger("data_pipelines").setLevel(logging.INFO)
+        index, counters = prepare_beam(args.inputs, args.output, runner=args.runner, beam_options=args.beam_option,
+                                       **settings)
+        print(counters.summary() if counters else "beam: every shard was already written; nothing to run")
+    else:
+        if args.beam_option:
+            raise UserError("--beam-option needs --runner")
+        index = prepare(args.inputs, args.output, workers=args.workers, progress=not args.quiet, **settings)
     print(f"{summarize(index)} -> {args.output} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
@@ -370,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--strict", action="store_true", help="fail on the first bad input instead of skipping it")
     prep.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores; 0: none)")
     prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.add_argument("--runner", choices=["direct", "dataflow", "flink", "spark"],
+                      help="decode and write on Apache Beam (the beam extra) instead of local processes")
+    prep.add_argument("--beam-option", action="append", default=[], metavar="--FLAG=VALUE",
+                      help="a Beam pipeline option, repeatable (e.g. --beam-option=--direct_num_workers=4)")
     prep.set_defaults(func=_cmd_prepare)
 
     train = sub.add_parser("train", help="train (or resume) an experiment; extra --config.a.b=value override it",

@@ -10,6 +10,7 @@ atomically, so a directory with a `dataset.json` is complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import multiprocessing
 import os
@@ -58,9 +59,9 @@ def _atomic_save_npy(path: pathlib.Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _shard_records(plan: ShardPlan, decoded: Iterator[Decoded], result: ShardResult, strict: bool,
+def shard_records(plan: ShardPlan, decoded: Iterator[Decoded], result: ShardResult, strict: bool,
                    on_item: Callable[[int], None]) -> Iterable[bytes]:
-    """Yields the records of one shard from the decoded stream, filling `result` on the way."""
+    """Yields the records of one shard from the decoded stream (in `plan.items` order), filling `result`."""
     for item in plan.items:
         d = next(decoded)
         if d.skip is not None:
@@ -112,6 +113,64 @@ def _build_index(output_dir: pathlib.Path, plans: list[ShardPlan], results: dict
                         skipped=dict(sorted(counts.items())))
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A planned `prepare` run: what goes into which shard, and the settings a resumed run must match."""
+
+    out: pathlib.Path
+    plans: list[ShardPlan]
+    filters: Filters
+    codec: str
+    strict: bool
+    source: dict  # DatasetIndex.source
+    settings: dict  # the progress log's: a resumed run must have the same
+
+    @property
+    def num_items(self) -> int:
+        return sum(len(p.items) for p in self.plans)
+
+
+def plan_job(
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    output_dir: str | os.PathLike[str],
+    layout: str | None = None,
+    num_shards: int | None = None,
+    records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
+    codec: str = "pcm16",
+    min_seconds: float = 0.5,
+    max_seconds: float = 30.0,
+    split_long: bool = False,
+    split: str | None = None,
+    language: str | None = None,
+    language_from_parent: bool = False,
+    silence_peak: float = 1e-3,
+    strict: bool = False,
+) -> Job:
+    """Discovers the inputs and cuts them into shards (the launcher's part, whatever runs the decoding)."""
+    if codec not in CODECS:
+        raise UserError(f"unknown codec {codec!r}; choose one of {CODECS}")
+    filters = Filters(min_seconds, max_seconds, split_long, silence_peak)
+    # Absolute paths: a resumed run may start from another working directory.
+    given = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
+    paths = [pathlib.Path(p).absolute() for p in given]
+    items, layouts = discover(paths, layout, split, language, language_from_parent)
+    plans = plan_shards(items, num_shards, records_per_shard)
+    source = {"inputs": [str(p) for p in paths], "split": split, "language": language,
+              "layouts": layouts, "min_seconds": min_seconds, "max_seconds": max_seconds,
+              "split_long": split_long, "silence_peak": silence_peak}
+    settings = {"codec": codec, "files_and_shards": plan_fingerprint(plans), **source}
+    return Job(pathlib.Path(output_dir), plans, filters, codec, strict, source, settings)
+
+
+def finish(job: Job, results: dict[str, ShardResult]) -> DatasetIndex:
+    """Writes the lengths/languages arrays, report.tsv and, last, dataset.json from every shard's result."""
+    index = _build_index(job.out, job.plans, results, job.codec, job.source)
+    if sum(s.total_records for s in index.splits.values()) == 0:
+        raise UserError(f"every input was skipped ({index.skipped}); see {job.out / REPORT_FILE}")
+    index.save(job.out)
+    return index
+
+
 def prepare(
     inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     output_dir: str | os.PathLike[str],
@@ -131,27 +190,17 @@ def prepare(
     progress: bool = True,
 ) -> DatasetIndex:
     """Ingests `inputs` into `output_dir` (resuming a run there) and returns its `DatasetIndex`."""
-    if codec not in CODECS:
-        raise UserError(f"unknown codec {codec!r}; choose one of {CODECS}")
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 0:
         raise UserError(f"workers must be >= 0, got {workers}")
-    filters = Filters(min_seconds, max_seconds, split_long, silence_peak)
-    # Absolute paths: a resumed run may start from another working directory.
-    given = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
-    paths = [pathlib.Path(p).absolute() for p in given]
-    items, layouts = discover(paths, layout, split, language, language_from_parent)
-    plans = plan_shards(items, num_shards, records_per_shard)
-    out = pathlib.Path(output_dir)
-    source = {"inputs": [str(p) for p in paths], "split": split, "language": language,
-              "layouts": layouts, "min_seconds": min_seconds, "max_seconds": max_seconds,
-              "split_long": split_long, "silence_peak": silence_peak}
-    settings = {"codec": codec, "files_and_shards": plan_fingerprint(plans), **source}
-    log = ProgressLog(out, settings)
+    job = plan_job(inputs, output_dir, layout, num_shards, records_per_shard, codec, min_seconds, max_seconds,
+                   split_long, split, language, language_from_parent, silence_peak, strict)
+    out, plans = job.out, job.plans
+    log = ProgressLog(out, job.settings)
 
     results = {p.name: r for p in plans if (r := log.done(p.name)) is not None}
     todo = [p for p in plans if p.name not in results]
-    bar = tqdm.tqdm(total=len(items), initial=len(items) - sum(len(p.items) for p in todo), unit="file",
+    bar = tqdm.tqdm(total=job.num_items, initial=job.num_items - sum(len(p.items) for p in todo), unit="file",
                     desc="prepare", disable=not progress, dynamic_ncols=True)
     start, audio_s = time.perf_counter(), 0.0
 
@@ -163,19 +212,14 @@ def prepare(
                             refresh=False)
         bar.update(1)
 
-    fn = functools.partial(decode_item, filters=filters, codec=codec)
+    fn = functools.partial(decode_item, filters=job.filters, codec=codec)
     with bar, _ordered_map(fn, [it for p in todo for it in p.items], workers) as decoded:
         for plan in todo:
             result = ShardResult()
-            write_shard(out / plan.name, _shard_records(plan, decoded, result, strict, on_item))
+            write_shard(out / plan.name, shard_records(plan, decoded, result, strict, on_item))
             log.add(plan.name, result)
             results[plan.name] = result
-
-    index = _build_index(out, plans, results, codec, source)
-    if sum(s.total_records for s in index.splits.values()) == 0:
-        raise UserError(f"every input was skipped ({index.skipped}); see {out / REPORT_FILE}")
-    index.save(out)
-    return index
+    return finish(job, results)
 
 
 def summarize(index: DatasetIndex) -> str:

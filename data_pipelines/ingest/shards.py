@@ -80,9 +80,9 @@ def plan_fingerprint(plans: list[ShardPlan]) -> str:
     return h.hexdigest()
 
 
-def write_shard(path: pathlib.Path, records: Iterable[bytes]) -> None:
-    """Writes records to `path.tmp`, renaming it to `path` only once every record is written."""
-    tmp = path.with_name(path.name + ".tmp")
+def write_shard(path: pathlib.Path, records: Iterable[bytes], tmp_suffix: str = ".tmp") -> None:
+    """Writes records to `path` + `tmp_suffix`, renaming it to `path` only once every record is written."""
+    tmp = path.with_name(path.name + tmp_suffix)
     writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
     try:
         for record in records:
