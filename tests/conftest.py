@@ -1,6 +1,10 @@
 """Test setup: 8 fake CPU devices, configured before JAX is imported anywhere."""
 
 import os
+import shutil
+import subprocess
+import time
+import urllib.request
 
 # Must happen before the first `import jax` in the test session.
 os.environ["XLA_FLAGS"] = (
@@ -16,6 +20,7 @@ quiet_libtpu()
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import jax
+import portpicker
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -57,3 +62,28 @@ def compile_cache(compile_cache_dir):
     jax.config.update("jax_compilation_cache_dir", None)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
     cc.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    """A local Cloud Storage emulator with a bucket named `bucket`: (its URL, the environment that points
+    google-cloud-storage, gcsfs, tensorstore and Beam's GCS file system at it)."""
+    if shutil.which("gcp-storage-emulator") is None:
+        pytest.fail("gcp-storage-emulator is missing: it is part of the test extra")
+    port = portpicker.pick_unused_port()
+    proc = subprocess.Popen(["gcp-storage-emulator", "start", "--port", str(port), "-H", "127.0.0.1",
+                             "--default-bucket", "bucket", "--in-memory"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b/bucket", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.2)
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
+           "GOOGLE_CLOUD_PROJECT": "test"}
+    yield url, env
+    proc.terminate()
+    proc.wait(timeout=10)

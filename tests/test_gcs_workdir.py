@@ -10,7 +10,6 @@ header that gcp-storage-emulator does not send ("Malformed StorageGeneration"), 
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,6 @@ import urllib.request
 
 import jax
 import numpy as np
-import portpicker
 import pytest
 
 from xlsr_jax.model_dir import load_model_dir
@@ -30,29 +28,6 @@ CLI = [sys.executable, "-c", "import sys; from xlsr_jax.cli import main; sys.exi
 OVERRIDES = ["--config.train.checkpoint_every=2", "--config.train.eval_every=0", "--config.train.log_every=1",
              "--config.data.num_buckets=1", "--config.train.checkpoint_ocdbt=False",
              "--config.train.async_checkpointing=False"]
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    if shutil.which("gcp-storage-emulator") is None:
-        pytest.fail("gcp-storage-emulator is missing: it is part of the test extra")
-    port = portpicker.pick_unused_port()
-    proc = subprocess.Popen(["gcp-storage-emulator", "start", "--port", str(port), "-H", "127.0.0.1",
-                             "--default-bucket", "bucket", "--in-memory"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b/bucket", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.2)
-    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
-           "GOOGLE_CLOUD_PROJECT": "test"}
-    yield url, env
-    proc.terminate()
-    proc.wait(timeout=10)
 
 
 def _objects(url, prefix):

@@ -129,3 +129,56 @@ def test_bad_runner_flags_are_one_line(tmp_path, capsys):
     assert "--beam-option needs --runner" in capsys.readouterr().err
     assert main(["prepare", str(tmp_path), str(tmp_path / "o"), "--runner", "direct", "--workers", "2"]) == 2
     assert "direct_num_workers" in capsys.readouterr().err
+
+
+def test_bucket_inputs_and_output_against_a_storage_emulator(emulator, tmp_path, monkeypatch):
+    """gs:// in, gs:// out (a local Cloud Storage emulator): the launcher lists the bucket through
+    etils.epath, the workers fetch and write through Beam's file systems; the data set equals the local
+    path's over a local copy of the same files."""
+    import json
+
+    from apache_beam.io.filesystems import FileSystems
+
+    from data_pipelines.errors import UserError
+    from data_pipelines.ingest.beam import RESULTS_DIR, prepare_beam
+
+    _, env = emulator
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    audio = tmp_path / "audio"
+    for path in sorted(corpus_dir().glob("*/train/*.flac"))[::10]:
+        (audio / path.parent.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, audio / path.parent.parent.name / path.name)
+    (audio / "en" / "broken.wav").write_text("not audio\n")
+    for path in sorted(p for p in audio.rglob("*") if p.is_file()):
+        with open(path, "rb") as src, FileSystems.create(f"gs://bucket/audio/{path.relative_to(audio)}") as dst:
+            dst.write(src.read())
+
+    settings = dict(num_shards=2, split="train", language_from_parent=True)
+    local = prepare(audio, tmp_path / "local", workers=0, progress=False, **settings)
+    index, counters = prepare_beam("gs://bucket/audio", "gs://bucket/prepared", runner="direct", **settings)
+    assert counters.records_written == local.splits["train"].total_records > 10 and counters.bad_inputs == 1
+
+    objects = [m.path for r in FileSystems.match(["gs://bucket/prepared/**"]) for m in r.metadata_list]
+    names = sorted(o.removeprefix("gs://bucket/prepared/") for o in objects)
+    assert names == sorted(p.name for p in (tmp_path / "local").iterdir())  # no beam_results/ left behind
+    assert not any(RESULTS_DIR in n for n in names)
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    for name in names:
+        with FileSystems.open(f"gs://bucket/prepared/{name}") as f:
+            (fetched / name).write_bytes(f.read())
+    for name in names:
+        if name.endswith((".array_record", ".npy")):
+            assert filecmp.cmp(fetched / name, tmp_path / "local" / name, shallow=False), name
+    assert (fetched / "report.tsv").read_text() == (tmp_path / "local" / "report.tsv").read_text().replace(
+        str(audio), "gs://bucket/audio")
+    ours, theirs = (json.loads((d / "dataset.json").read_text()) for d in (fetched, tmp_path / "local"))
+    assert ours["source"]["inputs"] == ["gs://bucket/audio"]
+    ours["source"]["inputs"] = theirs["source"]["inputs"]
+    assert ours == theirs and DatasetIndex.load(fetched) == index
+
+    with pytest.raises(UserError, match="already holds a prepared data set"):
+        prepare_beam("gs://bucket/audio", "gs://bucket/prepared", runner="direct", **settings)
+    with pytest.raises(UserError, match="for gs:// use --runner"):
+        prepare("gs://bucket/audio", tmp_path / "x", workers=0, progress=False)

@@ -62,6 +62,20 @@ class _Options:
         return self.language or default or UNKNOWN_LANGUAGE
 
 
+def as_path(path: str | os.PathLike[str]) -> pathlib.Path:
+    """A local path, or an `etils.epath.Path` for a bucket URL (gs://...: listed and read through gcsfs,
+    decoded by `prepare --runner` workers; the local path reads local files only)."""
+    if is_remote(path):
+        from etils import epath
+
+        return epath.Path(str(path))
+    return pathlib.Path(path)
+
+
+def is_remote(path: str | os.PathLike[str]) -> bool:
+    return "://" in str(path)
+
+
 def _text(path: pathlib.Path) -> str:
     """A manifest or transcript file as text; one that is not UTF-8 is the user's to convert."""
     try:
@@ -149,9 +163,9 @@ def _read_fairseq_file(manifest: pathlib.Path, opts: _Options) -> list[Item]:
     if not lines or "\t" in lines[0]:
         raise UserError(f"{manifest} is not a fairseq manifest: the first line must be the audio root "
                          f"directory")
-    root = pathlib.Path(lines[0].strip())
-    if not root.is_absolute():
-        root = manifest.parent / root
+    root = as_path(lines[0].strip())
+    if not is_remote(root) and not root.is_absolute():
+        root = manifest.parent / lines[0].strip()
     entries = [line for line in lines[1:] if line.strip()]
     texts = _fairseq_transcripts(manifest, len(entries))
     items = []
@@ -207,10 +221,24 @@ def _audio_files(root: pathlib.Path) -> tuple[list[pathlib.Path], list[OSError]]
     return sorted(files), errors
 
 
+def _remote_audio_files(root: pathlib.Path) -> list[pathlib.Path]:
+    """Audio objects under a bucket URL, from one recursive listing (fsspec: gcsfs for gs://)."""
+    import fsspec
+
+    fs, _, (base,) = fsspec.get_fs_token_paths(str(root))
+    return sorted(as_path(fs.unstrip_protocol(p)) for p in fs.find(base)
+                  if pathlib.PurePosixPath(p).suffix.lower() in AUDIO_EXTENSIONS)
+
+
 def read_folder(root: pathlib.Path, opts: _Options) -> list[Item]:
     """Every audio file under `root` (or `root` itself when it is one file); a directory that cannot be
     listed is an item that is skipped and reported."""
-    files, errors = ([root], []) if root.is_file() else _audio_files(root)
+    if root.is_file():
+        files, errors = [root], []
+    elif is_remote(root):  # a bucket has no directories to be refused
+        files, errors = _remote_audio_files(root), []
+    else:
+        files, errors = _audio_files(root)
     if not files and not errors:
         raise UserError(f"{root} holds no audio files ({', '.join(AUDIO_EXTENSIONS)})")
     base = root.parent if root.is_file() else root
@@ -250,7 +278,7 @@ LAYOUTS = tuple(READERS)
 
 def detect_layout(path: str | os.PathLike[str]) -> str:
     """Names the layout of `path`, or raises ValueError saying what was looked for."""
-    root = pathlib.Path(path)
+    root = as_path(path)
     if not root.exists():
         raise FileNotFoundError(f"input {root} does not exist")
     if root.is_file():
@@ -267,7 +295,9 @@ def detect_layout(path: str | os.PathLike[str]) -> str:
             return "fairseq"
         if next(root.glob("*/*/*.trans.txt"), None) or next(root.glob("*/*/*/*.trans.txt"), None):
             return "librispeech"
-        if any(p.suffix.lower() in AUDIO_EXTENSIONS for p in root.rglob("*")):
+        if is_remote(root) and _remote_audio_files(root):
+            return "folder"
+        if not is_remote(root) and any(p.suffix.lower() in AUDIO_EXTENSIONS for p in root.rglob("*")):
             return "folder"
     raise UserError(
         f"no input layout matches {root}: expected a directory with manifest.tsv (corpus), clips/ + "
@@ -295,7 +325,7 @@ def discover(
     layouts = []
     for path in paths:
         name = layout or detect_layout(path)
-        root = pathlib.Path(path)
+        root = as_path(path)
         if not root.exists():
             raise FileNotFoundError(f"input {root} does not exist")
         found = READERS[name](root, opts)

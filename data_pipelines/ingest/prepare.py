@@ -25,7 +25,7 @@ import tqdm
 from data_pipelines.audio import SAMPLE_RATE, AudioError
 from data_pipelines.errors import UserError
 from data_pipelines.ingest.decode import Decoded, Filters, decode_item
-from data_pipelines.ingest.layouts import Item, discover
+from data_pipelines.ingest.layouts import Item, discover, as_path, is_remote
 from data_pipelines.ingest.shards import (
     DEFAULT_RECORDS_PER_SHARD,
     ProgressLog,
@@ -152,14 +152,14 @@ def plan_job(
     filters = Filters(min_seconds, max_seconds, split_long, silence_peak)
     # Absolute paths: a resumed run may start from another working directory.
     given = [inputs] if isinstance(inputs, (str, os.PathLike)) else inputs
-    paths = [pathlib.Path(p).absolute() for p in given]
+    paths = [as_path(p) if is_remote(p) else pathlib.Path(p).absolute() for p in given]
     items, layouts = discover(paths, layout, split, language, language_from_parent)
     plans = plan_shards(items, num_shards, records_per_shard)
     source = {"inputs": [str(p) for p in paths], "split": split, "language": language,
               "layouts": layouts, "min_seconds": min_seconds, "max_seconds": max_seconds,
               "split_long": split_long, "silence_peak": silence_peak}
     settings = {"codec": codec, "files_and_shards": plan_fingerprint(plans), **source}
-    return Job(pathlib.Path(output_dir), plans, filters, codec, strict, source, settings)
+    return Job(as_path(output_dir), plans, filters, codec, strict, source, settings)
 
 
 def finish(job: Job, results: dict[str, ShardResult]) -> DatasetIndex:
@@ -193,6 +193,10 @@ def prepare(
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 0:
         raise UserError(f"workers must be >= 0, got {workers}")
+    if is_remote(output_dir) or any(is_remote(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike))
+                                                            else inputs)):
+        raise UserError("the local path reads and writes local files; for gs:// use --runner (Apache Beam), "
+                        "e.g. --runner direct")
     job = plan_job(inputs, output_dir, layout, num_shards, records_per_shard, codec, min_seconds, max_seconds,
                    split_long, split, language, language_from_parent, silence_peak, strict)
     out, plans = job.out, job.plans
