@@ -3,6 +3,7 @@ real recorded clips with broken files among them, a Common Voice layout and fair
 dying in the middle of a shard leaves no partial shard, and the rerun completes it."""
 
 import filecmp
+import os
 import pathlib
 import shutil
 
@@ -36,6 +37,9 @@ def clips_with_broken_files(tmp_path_factory):
     for path in sorted(corpus_dir().glob("*/train/*.flac"))[::4]:
         shutil.copy(path, root / path.name)
     good = sorted(root.glob("*.flac"))
+    odd_name = os.fsdecode(bytes(root) + b"/caf\xe9.flac")  # a name that is not UTF-8 (latin-1 bytes)
+    shutil.copy(good[2], odd_name)
+    good.append(pathlib.Path(odd_name))
     (root / "empty.wav").write_bytes(b"")
     (root / "cut.flac").write_bytes(good[0].read_bytes()[:300])
     (root / "text.mp3").write_text("not audio at all\n")

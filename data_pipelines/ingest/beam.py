@@ -3,7 +3,8 @@
 The launcher discovers the inputs and plans the shards exactly as `prepare.prepare` does
 (`prepare.plan_job`). The pipeline then
 
-1. fans every shard's files out (`Reshuffle`, so decoding spreads over the workers);
+1. reads the plan, one line per file, from a file the launcher wrote beside the output, and spreads
+   the files over the workers (`Reshuffle`);
 2. decodes each file with `decode.decode_item` (resample, validate, encode), counting files, bad
    inputs and audio;
 3. groups the decoded files by shard and writes each shard in its plan order (`prepare.shard_records`,
@@ -57,9 +58,29 @@ def _import_beam():
     return beam
 
 
-def _fan_out(plan: ShardPlan) -> Iterable[tuple[str, int, Item]]:
-    for position, item in enumerate(plan.items):
-        yield plan.name, position, item
+PLAN_FILE = "plan.jsonl"  # in RESULTS_DIR: one line per input file, read by the pipeline
+
+
+def _write_plan(path: str, plans: Sequence[ShardPlan]) -> None:
+    """The files of `plans` as JSON lines (shard, position, item) for `ReadFromText`: a corpus-sized list
+    inside the pipeline graph would exceed what a runner accepts (Dataflow: 10 MB)."""
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    if not is_remote(path):
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with FileSystems.create(path, mime_type="text/plain", compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        for plan in plans:
+            for position, item in enumerate(plan.items):
+                # ASCII: a file name that is not UTF-8 keeps its escaped bytes (\udcXX) through the round trip
+                f.write((json.dumps([plan.name, position, dataclasses.asdict(item)]) + "\n").encode("ascii"))
+
+
+def _parse_plan_line(line: str) -> tuple[str, int, Item]:
+    name, position, fields = json.loads(line)
+    if fields["skip"] is not None:
+        fields["skip"] = tuple(fields["skip"])
+    return name, position, Item(**fields)
 
 
 class _Decode:
@@ -237,10 +258,12 @@ def run_job(job: Job, runner: str = "direct", beam_options: Sequence[str] = (),
         if todo:
             _delete(_join(job.out, RESULTS_DIR))  # an earlier failed run's
             log.info("beam: %d files in %d shards on %s", sum(len(p.items) for p in todo), len(todo), runner)
+            plan_file = _join(job.out, f"{RESULTS_DIR}/{PLAN_FILE}")
+            _write_plan(plan_file, todo)
             with beam.Pipeline(options=options) as pipeline:
                 _ = (pipeline
-                     | "Shards" >> beam.Create(todo)
-                     | "Files" >> beam.FlatMap(_fan_out)
+                     | "Plan" >> beam.io.ReadFromText(plan_file)
+                     | "Files" >> beam.Map(_parse_plan_line)
                      | "Spread" >> beam.Reshuffle()
                      | "Decode" >> beam.Map(_Decode(job.filters, job.codec))
                      | "ByShard" >> beam.GroupByKey()
