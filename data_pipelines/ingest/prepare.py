@@ -17,7 +17,7 @@ import os
 import pathlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import tqdm
@@ -174,22 +174,16 @@ def finish(job: Job, results: dict[str, ShardResult]) -> DatasetIndex:
 def prepare(
     inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
     output_dir: str | os.PathLike[str],
-    layout: str | None = None,
-    num_shards: int | None = None,
-    records_per_shard: int = DEFAULT_RECORDS_PER_SHARD,
-    codec: str = "pcm16",
-    min_seconds: float = 0.5,
-    max_seconds: float = 30.0,
-    split_long: bool = False,
-    split: str | None = None,
-    language: str | None = None,
-    language_from_parent: bool = False,
-    silence_peak: float = 1e-3,
-    strict: bool = False,
+    *,
     workers: int | None = None,
     progress: bool = True,
+    **settings: Any,
 ) -> DatasetIndex:
-    """Ingests `inputs` into `output_dir` (resuming a run there) and returns its `DatasetIndex`."""
+    """Ingests `inputs` into `output_dir` (resuming a run there) and returns its `DatasetIndex`.
+
+    `settings`: `plan_job`'s keyword arguments (layout, shards, codec, length filters, split, language,
+    strict). `workers` decoding processes (default: every core; 0 decodes in this process).
+    """
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 0:
         raise UserError(f"workers must be >= 0, got {workers}")
@@ -197,8 +191,7 @@ def prepare(
                                                             else inputs)):
         raise UserError("the local path reads and writes local files; for gs:// use --runner (Apache Beam), "
                         "e.g. --runner direct")
-    job = plan_job(inputs, output_dir, layout, num_shards, records_per_shard, codec, min_seconds, max_seconds,
-                   split_long, split, language, language_from_parent, silence_peak, strict)
+    job = plan_job(inputs, output_dir, **settings)
     out, plans = job.out, job.plans
     log = ProgressLog(out, job.settings)
 
@@ -216,11 +209,11 @@ def prepare(
                             refresh=False)
         bar.update(1)
 
-    fn = functools.partial(decode_item, filters=job.filters, codec=codec)
+    fn = functools.partial(decode_item, filters=job.filters, codec=job.codec)
     with bar, _ordered_map(fn, [it for p in todo for it in p.items], workers) as decoded:
         for plan in todo:
             result = ShardResult()
-            write_shard(out / plan.name, shard_records(plan, decoded, result, strict, on_item))
+            write_shard(out / plan.name, shard_records(plan, decoded, result, job.strict, on_item))
             log.add(plan.name, result)
             results[plan.name] = result
     return finish(job, results)
