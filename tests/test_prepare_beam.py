@@ -133,6 +133,10 @@ def test_bad_runner_flags_are_one_line(tmp_path, capsys):
     assert "--beam-option needs --runner" in capsys.readouterr().err
     assert main(["prepare", str(tmp_path), str(tmp_path / "o"), "--runner", "direct", "--workers", "2"]) == 2
     assert "direct_num_workers" in capsys.readouterr().err
+    write_audio(tmp_path / "in" / "a.wav", seconds=1.0)
+    assert main(["prepare", str(tmp_path / "in"), str(tmp_path / "o"), "--runner", "dataflow"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Dataflow workers cannot see this machine's files" in err[0], err
 
 
 def test_bucket_inputs_and_output_against_a_storage_emulator(emulator, tmp_path, monkeypatch):

@@ -245,6 +245,10 @@ def run_job(job: Job, runner: str = "direct", beam_options: Sequence[str] = (),
     not hold a finished data set, and a rerun writes every shard again."""
     beam = _import_beam()
     options = _pipeline_options(runner, beam_options)
+    local = [p for p in [*job.source["inputs"], str(job.out)] if not is_remote(p)]
+    if runner == "dataflow" and local:
+        raise UserError(f"Dataflow workers cannot see this machine's files ({', '.join(local)}): put the inputs "
+                        "and the output in a bucket (gs://...)")
     remote = is_remote(job.out)
     staging = pathlib.Path(tempfile.mkdtemp(prefix="xlsr_prepare_")) if remote else job.out
     try:
