@@ -9,7 +9,8 @@
 3. Hugging Face: `transformers.Wav2Vec2ForPreTraining` (PyTorch), initialized with our step-0 parameters,
    trained with `torch.optim.AdamW` on the batches our input pipeline gives the loop (the same audio,
    span masks and sampled negatives, in the same order), the same learning-rate and Gumbel temperature
-   schedules, and evaluated on the same dev batches. Only the Gumbel noise differs.
+   schedules, and evaluated on the same dev batches. Only the Gumbel noise differs, unless
+   `--shared-noise`: then PyTorch's quantizer takes our noise of each step and only arithmetic differs.
 4. Both pretrained encoders get the same short CTC fine-tune (the demo's: a head on the frozen encoder,
    `xlsr_jax.demo.frozen_encoder_head`) and dev CER.
 
@@ -50,7 +51,39 @@ def contrastive_metrics(pred, target, mask, negatives, temperature: float) -> di
             "accuracy": float(correct[masked].sum() / n), "num_masked": n}
 
 
-def train_hf(init_sd, model_config, train_batches, dev_batches, config, eval_every: int, log, seed: int) -> dict:
+def capture_gumbel_noise(noises: list) -> None:
+    """Makes our quantizer hand every training step's Gumbel noise to the host, in step order."""
+    import jax
+
+    from xlsr_jax.models import quantizer
+
+    draw = quantizer.gumbel_noise
+
+    def noise_and_copy(key, shape):
+        noise = draw(key, shape)
+        jax.debug.callback(lambda n: noises.append(np.asarray(n)), noise, ordered=True)
+        return noise
+
+    quantizer.gumbel_noise = noise_and_copy
+
+
+def inject_gumbel_noise(noises: list, cursor: dict) -> None:
+    """Makes transformers' quantizer use `noises[cursor["step"]]` instead of its own draw: a hard
+    straight-through softmax over (logits + noise) / tau, which is what `gumbel_softmax` computes."""
+    import torch
+
+    def gumbel_softmax(logits, tau, hard):
+        assert hard
+        noise = torch.from_numpy(noises[cursor["step"]].reshape(logits.shape))
+        soft = torch.softmax((logits + noise) / tau, dim=-1)
+        one_hot = torch.nn.functional.one_hot(soft.argmax(-1), soft.shape[-1]).to(soft.dtype)
+        return one_hot - soft.detach() + soft
+
+    torch.nn.functional.gumbel_softmax = gumbel_softmax
+
+
+def train_hf(init_sd, model_config, train_batches, dev_batches, config, eval_every: int, log, seed: int,
+             noises: list | None = None) -> dict:
     import torch
     import transformers
 
@@ -91,9 +124,15 @@ def train_hf(init_sd, model_config, train_batches, dev_batches, config, eval_eve
         model.train()
         evals.append({"step": step, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "num_masked"}})
 
+    cursor = {"step": 0}
+    if noises is not None:
+        if len(noises) != len(train_batches):
+            raise RuntimeError(f"{len(noises)} noise draws captured for {len(train_batches)} steps")
+        inject_gumbel_noise(noises, cursor)
     start = time.perf_counter()
     model.train()
     for step, batch in enumerate(train_batches):
+        cursor["step"] = step
         for group in opt.param_groups:
             group["lr"] = float(schedule(step))
         model.set_gumbel_temperature(float(gumbel_temperature(step, g.gumbel_start, g.gumbel_floor, g.gumbel_decay)))
@@ -164,6 +203,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ctc-steps", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0, help="initial weights and Gumbel noise (the data is fixed)")
     parser.add_argument("--out", default="")
+    parser.add_argument("--shared-noise", action="store_true",
+                        help="Hugging Face's quantizer uses our Gumbel noise, step by step: only arithmetic differs")
     args = parser.parse_args(argv)
     out = pathlib.Path(args.out or tempfile.mkdtemp(prefix="bench_learning_"))
     out.mkdir(parents=True, exist_ok=True)
@@ -224,6 +265,9 @@ def main(argv=None) -> int:
         import shutil
 
         shutil.rmtree(run)
+    noises = [] if args.shared_noise else None
+    if noises is not None:
+        capture_gumbel_noise(noises)
     train_and_evaluate(config, run)
     ours_seconds = time.perf_counter() - start
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -231,7 +275,8 @@ def main(argv=None) -> int:
     ours_eval = [r for r in rows if r.get("split") == "eval"]
     log(f"ours: {steps} steps in {ours_seconds:.0f} s")
 
-    hf = train_hf(init_sd, program.model_config, train_batches, dev_batches, config, args.eval_every, log, args.seed)
+    hf = train_hf(init_sd, program.model_config, train_batches, dev_batches, config, args.eval_every, log, args.seed,
+                  noises)
     hf_dir = out / "hf_pretrained"
     hf["model"].save_pretrained(hf_dir)
 
@@ -261,7 +306,7 @@ def main(argv=None) -> int:
     print(f"CTC head ({args.ctc_steps} steps on the frozen encoder), dev: ours {ctc['ours']}, HF {ctc['hf']}")
     png = out / "learning.png"
     plotted = plot(ours_train, ours_eval, hf, png)
-    result = {"bench": "learning", "steps": steps, "seed": args.seed, "model": "pretrain_xlsr.py:smoke (tiny)", "eval": table,
+    result = {"bench": "learning", "steps": steps, "seed": args.seed, "shared_noise": args.shared_noise, "model": "pretrain_xlsr.py:smoke (tiny)", "eval": table,
               "train_last10": train_tail, "ctc": ctc, "seconds": {"ours": ours_seconds, "hf": hf["seconds"]},
               "plot": str(png) if plotted else None}
     print(json.dumps(result))
