@@ -3,7 +3,7 @@ peak memory, and the time from process start to the first step.
 
     python benchmarks/bench_step.py [--preset base] [--seconds 5] [--batch 4] [--dtype float32]
         [--steps 6] [--rounds 2] [--post-ln] [--remat none] [--unrolled] [--attention auto]
-        [--frameworks ours torch] [--compile-cache DIR] [--profile-top N]
+        [--frameworks ours torch] [--flax-python PATH] [--compile-cache DIR] [--profile-top N]
 
 Each framework runs in its own process (`--worker ours|torch`), the two alternating for `--rounds`, so
 neither inherits the other's memory or caches. A worker builds the model (base size, pre-LN and
@@ -15,7 +15,9 @@ min-max of the steady steps, and peak RSS. On a GPU (JAX's default backend; PyTo
 available) also the device's peak allocated memory and the MFU: the analytic model FLOPs of
 `xlsr_jax.train.metrics.train_flops_per_step`, the same for both frameworks, over the median step time
 and the chip's peak bf16 FLOP/s. Prints a table with the medians over rounds and the ratios, then one
-JSON line. Needs the `torch` extra for the PyTorch side.
+JSON line. Needs the `torch` extra for the PyTorch side. With `--flax-python PATH` (a Python with
+transformers 4.57.6 and this machine's jax) also Hugging Face's `FlaxWav2Vec2ForPreTraining`, with
+wav2vec 2.0's loss written here (the Flax model has none) and optax's AdamW.
 """
 
 from __future__ import annotations
@@ -232,8 +234,83 @@ def worker_torch(args) -> dict:
             "peak_flops": next((v for k, v in PEAK_FLOPS.items() if name.startswith(k)), None)}
 
 
-def _run_worker(name: str, argv: list[str], env: dict | None = None) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", name, *argv], capture_output=True, text=True,
+def worker_flax(args) -> dict:
+    """Hugging Face's `FlaxWav2Vec2ForPreTraining` (transformers <= 4.57, the last with Flax models).
+
+    The model gives projected states, projected quantized states and the codebook perplexity; the loss is
+    wav2vec 2.0's (the contrastive term over the same sampled negatives, summed over masked frames, plus
+    0.1 x the diversity term), written here because transformers' Flax model has none. One device, AdamW
+    from optax with the same settings, the whole step jitted with the state donated.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    import transformers
+
+    from xlsr_jax.train.metrics import device_peak_flops
+
+    config = _config(args)
+    hf_config = transformers.Wav2Vec2Config(**config.to_hf_dict())
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    model = transformers.FlaxWav2Vec2ForPreTraining(hf_config, seed=0, dtype=dtype)
+    optimizer = optax.adamw(1e-4, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.01)
+    b = _batch(config, args.batch, args.seconds)
+    batch_size, frames, num_negatives = b["sampled_negatives"].shape
+    offsets = (np.arange(batch_size) * frames)[:, None, None]
+    batch = {"input_values": jnp.asarray(b["input_values"]), "attention_mask": jnp.asarray(b["attention_mask"]),
+             "mask_time_indices": jnp.asarray(b["mask_time_indices"]),
+             "negatives": jnp.asarray((b["sampled_negatives"] + offsets).reshape(-1))}
+    num_codevectors = hf_config.num_codevectors_per_group * hf_config.num_codevector_groups
+
+    def loss_fn(params, batch, rng):
+        out = model(batch["input_values"], attention_mask=batch["attention_mask"],
+                    mask_time_indices=batch["mask_time_indices"], gumbel_temperature=2.0, params=params,
+                    dropout_rng=rng, gumbel_rng=rng, train=True)
+        quantized = out.projected_quantized_states.astype(jnp.float32)
+        states = out.projected_states.astype(jnp.float32)
+        dim = quantized.shape[-1]
+        negatives = quantized.reshape(-1, dim)[batch["negatives"]].reshape(batch_size, frames, num_negatives, dim)
+        targets = jnp.concatenate([quantized[:, :, None], negatives], axis=2)  # [B, T, 1 + K, D]
+        logits = optax.cosine_similarity(states[:, :, None], targets) / hf_config.contrastive_logits_temperature
+        same = jnp.all(quantized[:, :, None] == negatives, axis=-1)
+        logits = jnp.where(jnp.concatenate([jnp.zeros_like(same[..., :1]), same], axis=-1), -1e9, logits)
+        mask = batch["mask_time_indices"].astype(jnp.float32)
+        contrastive = (-jax.nn.log_softmax(logits, axis=-1)[..., 0] * mask).sum()
+        diversity = (num_codevectors - out.codevector_perplexity) / num_codevectors
+        return (contrastive + hf_config.diversity_loss_weight * diversity * mask.sum()) / mask.sum()
+
+    def train_step(params, opt_state, batch, rng):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, rng)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    params = model.params
+    opt_state = optimizer.init(params)
+    rng = jax.random.PRNGKey(0)
+    jax.block_until_ready((params, opt_state, batch))
+    ready = time.perf_counter() - START
+    t = time.perf_counter()
+    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, batch, rng).compile()
+    compile_s = time.perf_counter() - t
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        params, opt_state, loss = compiled(params, opt_state, batch, rng)
+        jax.block_until_ready((params, opt_state, loss))
+        times.append(time.perf_counter() - t)
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    num_params = sum(x.size for x in jax.tree.leaves(params))
+    return {"ready_s": ready, "compile_s": compile_s, "first_step_s": times[0], "steps_s": times[1:],
+            "loss": float(loss), "peak_rss_gib": _peak_rss_gib(), "device": device.device_kind,
+            "device_peak_gib": stats["peak_bytes_in_use"] / 2**30 if stats else None,
+            "num_params": num_params, "flops_per_step": _model_flops(config, num_params, args),
+            "peak_flops": device_peak_flops(device), "transformers": transformers.__version__}
+
+
+def _run_worker(name: str, argv: list[str], env: dict | None = None, python: str = sys.executable) -> dict:
+    proc = subprocess.run([python, __file__, "--worker", name, *argv], capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
@@ -259,15 +336,23 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-top", type=int, default=0, metavar="N",
                         help="ours: after the timed steps, trace 2 more and print the kernel time per step by "
                              "model scope and the N slowest HLO ops")
-    parser.add_argument("--frameworks", nargs="+", default=["ours", "torch"], choices=("ours", "torch"))
-    parser.add_argument("--worker", choices=("ours", "torch"), help=argparse.SUPPRESS)
+    parser.add_argument("--frameworks", nargs="+", default=["ours", "torch"], choices=("ours", "torch", "flax"))
+    parser.add_argument("--flax-python", metavar="PATH",
+                        help="a Python with transformers 4.57.6 (the last release with Flax wav2vec2) and the same "
+                             "jax, e.g. a venv made with --system-site-packages: adds Hugging Face's "
+                             "FlaxWav2Vec2ForPreTraining to the frameworks")
+    parser.add_argument("--worker", choices=("ours", "torch", "flax"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        result = worker_ours(args) if args.worker == "ours" else worker_torch(args)
+        result = {"ours": worker_ours, "torch": worker_torch, "flax": worker_flax}[args.worker](args)
         print(json.dumps(result), flush=True)
         return 0
     if args.steps < 2:
         parser.error("--steps must be >= 2 (the first step, then steady ones)")
+    if args.flax_python and "flax" not in args.frameworks:
+        args.frameworks.append("flax")
+    if "flax" in args.frameworks and not args.flax_python:
+        parser.error("the flax framework needs --flax-python PATH (transformers 5 has no Flax models)")
 
     passthrough = [f"--preset={args.preset}", f"--seconds={args.seconds}", f"--batch={args.batch}",
                    f"--dtype={args.dtype}", f"--remat={args.remat}", f"--steps={args.steps}",
@@ -285,7 +370,11 @@ def main(argv=None) -> int:
             if name in failed:
                 continue
             try:
-                result = _run_worker(name, passthrough, cache_env if name == "ours" else None)
+                if name == "flax":  # our config and batch code from this checkout, in the other Python
+                    result = _run_worker(name, passthrough, {"PYTHONPATH": os.path.dirname(os.path.dirname(
+                        os.path.abspath(__file__)))}, python=args.flax_python)
+                else:
+                    result = _run_worker(name, passthrough, cache_env if name == "ours" else None)
             except RuntimeError as e:  # out of memory, say: the other framework's row still counts
                 failed[name] = str(e)
                 print(e, file=sys.stderr, flush=True)
@@ -354,6 +443,12 @@ def main(argv=None) -> int:
                   f"{key}_ours_over_torch": rows["ours"][key] / rows["torch"][key]}
         print(f"ours / torch: step time {ratios['step_time_ours_over_torch']:.2f}x, "
               f"{memory} {ratios[f'{key}_ours_over_torch']:.2f}x")
+    if "ours" in rows and "flax" in rows:
+        key = "device_peak_gib" if on_device else "peak_rss_gib"
+        ratios.update({"step_time_ours_over_flax": rows["ours"]["step_s_median"] / rows["flax"]["step_s_median"],
+                       f"{key}_ours_over_flax": rows["ours"][key] / rows["flax"][key]})
+        print(f"ours / flax: step time {ratios['step_time_ours_over_flax']:.2f}x, "
+              f"{memory} {ratios[f'{key}_ours_over_flax']:.2f}x")
     print(json.dumps({"bench": "step", "config": {k: v for k, v in vars(args).items() if k != "worker"},
                       "cpus": os.cpu_count(), "results": rows, "ratios": ratios,
                       "failed": {name: err[-500:] for name, err in failed.items()}}))
