@@ -15,6 +15,7 @@ from xlsr_jax.config import ConfigError
 from xlsr_jax.parallel.topology import parse_topology
 
 pytest.importorskip("libtpu", reason="the tpu extra (jax[tpu]) is part of the CI install")
+pytestmark = pytest.mark.usefixtures("users_matmul_precision")  # what users compile
 
 # A small pretraining model with realistically wide layers (hidden 512): fast to compile, big enough
 # that XLA's choices (reduce-scatter, gathered conv kernels) are the ones it makes for real presets.

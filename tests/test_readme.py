@@ -22,7 +22,8 @@ from xlsr_jax.config import get_preset
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 FEW_STEPS = ["--config.train.steps=4", "--config.optim.total_steps=4", "--config.train.checkpoint_every=4",
-             "--config.train.eval_every=0", "--config.train.log_every=2"]
+             "--config.train.eval_every=0", "--config.train.log_every=2",
+             "--config.data.num_buckets=1"]  # one compiled step per run
 
 
 def substitutions(tmp: pathlib.Path) -> list[tuple[str, str]]:
@@ -59,7 +60,7 @@ def test_the_journeys_have_runnable_blocks():
 
 
 @pytest.mark.slow
-def test_readme_commands_run(tmp_path, monkeypatch, capsys):
+def test_readme_commands_run(tmp_path, monkeypatch, capsys, users_matmul_precision):
     transformers = pytest.importorskip("transformers")
     from hf_helpers import random_hf_model
 
