@@ -82,6 +82,59 @@ def inject_gumbel_noise(noises: list, cursor: dict) -> None:
     torch.nn.functional.gumbel_softmax = gumbel_softmax
 
 
+def hf_tensors(batch):
+    """A batch of our pipeline as `Wav2Vec2ForPreTraining`'s inputs (negatives as indices into the flattened batch)."""
+    import torch
+
+    frames = batch["mask_time_indices"].shape[1]
+    offsets = (np.arange(len(batch["sampled_negatives"])) * frames)[:, None, None]
+    return (torch.from_numpy(batch["input_values"]), torch.from_numpy(batch["attention_mask"]).long(),
+            torch.from_numpy(batch["mask_time_indices"]).bool(),
+            torch.from_numpy((batch["sampled_negatives"] + offsets).astype(np.int64)))
+
+
+def hf_dev_metrics(model, dev_batches, temperature: float) -> dict:
+    """Dev accuracy, loss and code perplexity of a `Wav2Vec2ForPreTraining` (deterministic forward)."""
+    import torch
+
+    model.eval()
+    rows = []
+    with torch.no_grad():
+        for batch in dev_batches:
+            values, attention, mask, negatives = hf_tensors(batch)
+            out = model(values, attention_mask=attention, mask_time_indices=mask, sampled_negative_indices=negatives)
+            m = contrastive_metrics(out.projected_states.numpy(), out.projected_quantized_states.numpy(),
+                                    batch["mask_time_indices"], batch["sampled_negatives"], temperature)
+            m["loss"] = float(out.loss) / m["num_masked"]
+            m["code_perplexity"] = float(out.codevector_perplexity)
+            rows.append(m)
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "num_masked"}
+
+
+def cross_forward(program, dev_batches, model_dirs: dict) -> dict:
+    """Each trained encoder through both forwards (our eval step, and HF's after `params_to_state_dict`) on
+    the same dev batches: where the two forwards agree, a dev gap between the encoders is the training's."""
+    import jax
+    import torch
+    import transformers
+
+    from xlsr_jax.convert.hf import params_to_state_dict
+    from xlsr_jax.model_dir import load_model_dir
+
+    config = program.model_config
+    result = {}
+    for name, path in model_dirs.items():
+        _, _, params = load_model_dir(path)
+        rows = [jax.device_get(program.eval_step(params, batch)) for batch in dev_batches]
+        ours = {k: float(np.mean([r[k] for r in rows])) for k in ("accuracy", "loss", "code_perplexity")}
+        model = transformers.Wav2Vec2ForPreTraining(transformers.Wav2Vec2Config(**config.to_hf_dict()))
+        state_dict = params_to_state_dict(jax.device_get(params), config, "pretraining")
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, strict=False)
+        hf = hf_dev_metrics(model, dev_batches, config.contrastive_logits_temperature)
+        result[name] = {"ours": ours, "hf": {k: hf[k] for k in ours}}
+    return result
+
+
 def train_hf(init_sd, model_config, train_batches, dev_batches, config, eval_every: int, log, seed: int,
              noises: list | None = None) -> dict:
     import torch
@@ -102,27 +155,9 @@ def train_hf(init_sd, model_config, train_batches, dev_batches, config, eval_eve
     temp = model_config.contrastive_logits_temperature
     history, evals = [], []
 
-    def tensors(batch):
-        frames = batch["mask_time_indices"].shape[1]
-        offsets = (np.arange(len(batch["sampled_negatives"])) * frames)[:, None, None]
-        return (torch.from_numpy(batch["input_values"]), torch.from_numpy(batch["attention_mask"]).long(),
-                torch.from_numpy(batch["mask_time_indices"]).bool(),
-                torch.from_numpy((batch["sampled_negatives"] + offsets).astype(np.int64)))
-
     def evaluate(step):
-        model.eval()
-        rows = []
-        with torch.no_grad():
-            for batch in dev_batches:
-                values, attention, mask, negatives = tensors(batch)
-                out = model(values, attention_mask=attention, mask_time_indices=mask, sampled_negative_indices=negatives)
-                m = contrastive_metrics(out.projected_states.numpy(), out.projected_quantized_states.numpy(),
-                                        batch["mask_time_indices"], batch["sampled_negatives"], temp)
-                m["loss"] = float(out.loss) / m["num_masked"]
-                m["code_perplexity"] = float(out.codevector_perplexity)
-                rows.append(m)
+        evals.append({"step": step, **hf_dev_metrics(model, dev_batches, temp)})
         model.train()
-        evals.append({"step": step, **{k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "num_masked"}})
 
     cursor = {"step": 0}
     if noises is not None:
@@ -136,7 +171,7 @@ def train_hf(init_sd, model_config, train_batches, dev_batches, config, eval_eve
         for group in opt.param_groups:
             group["lr"] = float(schedule(step))
         model.set_gumbel_temperature(float(gumbel_temperature(step, g.gumbel_start, g.gumbel_floor, g.gumbel_decay)))
-        values, attention, mask, negatives = tensors(batch)
+        values, attention, mask, negatives = hf_tensors(batch)
         out = model(values, attention_mask=attention, mask_time_indices=mask, sampled_negative_indices=negatives)
         num_masked = float(mask.sum())
         (out.loss / num_masked).backward()
@@ -282,6 +317,7 @@ def main(argv=None) -> int:
 
     ours_model = export_checkpoint(run, out / "models" / "ours", overwrite=True)
     hf_model = hf_to_jax(hf_dir, out / "models" / "hf")
+    crossed = cross_forward(program, dev_batches, {"ours": ours_model, "hf": hf_model})
     ctc = {"ours": ctc_cer(ours_model, data, out / "ctc_ours", args.ctc_steps),
            "hf": ctc_cer(hf_model, data, out / "ctc_hf", args.ctc_steps)}
 
@@ -303,11 +339,16 @@ def main(argv=None) -> int:
     train_tail = {name: {k: float(np.mean([r[k] for r in rows])) for k in ("loss", "accuracy", "prob_perplexity")}
                   for name, rows in zip(("ours", "hf"), last)}
     print(f"train, mean of the last 10 steps: ours {train_tail['ours']}, HF {train_tail['hf']}")
+    print("the final encoders through both forwards (dev):")
+    for weights, forwards in crossed.items():
+        for forward, m in forwards.items():
+            print(f"  {weights} weights, {forward} forward: accuracy {m['accuracy']:.5f} loss {m['loss']:.5f} "
+                  f"code perplexity {m['code_perplexity']:.4f}")
     print(f"CTC head ({args.ctc_steps} steps on the frozen encoder), dev: ours {ctc['ours']}, HF {ctc['hf']}")
     png = out / "learning.png"
     plotted = plot(ours_train, ours_eval, hf, png)
     result = {"bench": "learning", "steps": steps, "seed": args.seed, "shared_noise": args.shared_noise, "model": "pretrain_xlsr.py:smoke (tiny)", "eval": table,
-              "train_last10": train_tail, "ctc": ctc, "seconds": {"ours": ours_seconds, "hf": hf["seconds"]},
+              "train_last10": train_tail, "cross_forward": crossed, "ctc": ctc, "seconds": {"ours": ours_seconds, "hf": hf["seconds"]},
               "plot": str(png) if plotted else None}
     print(json.dumps(result))
     result["train_curves"] = {"ours": [{k: r[k] for k in ("step", "loss", "accuracy", "prob_perplexity")}
