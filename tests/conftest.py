@@ -49,32 +49,55 @@ def cpu_devices():
 
 @pytest.fixture(scope="session")
 def compile_cache_dir(tmp_path_factory):
-    """One JAX persistent compilation cache for the whole session (empty at its start)."""
-    return tmp_path_factory.mktemp("jax_compile_cache")
+    """One JAX persistent compilation cache for the whole test run, shared by the xdist workers (empty at
+    its start): each worker's base temp is `pytest-N/popen-gwK`, the cache lives in `pytest-N`."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    path = base / "jax_compile_cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def session_compile_cache(request, compile_cache_dir):
+    """JAX's persistent compilation cache for every module, unless it sets `PERSISTENT_COMPILE_CACHE = False`.
+
+    The suite compiles the same programs (the smoke and tiny train steps, state initialization, the
+    evaluation step) in many modules and processes; on this 2-core machine compiling is most of a test's
+    time (the tiny train step: ~35 s to compile, 0.1 s to run). A program (same HLO, devices and options)
+    that takes over a second to compile is now compiled once per test run and loaded after that: what
+    runs is the same executable. (Caching every compile, as `compile_cache` does, costs more than it saves
+    in modules that run eager JAX ops: each op is a program written to the cache.) A size limit turns on
+    jax's file lock, so that two workers never read an entry while the other writes it.
+    """
+    if not getattr(request.module, "PERSISTENT_COMPILE_CACHE", True):
+        yield None
+        return
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    previous = jax.config.jax_compilation_cache_max_size
+    jax.config.update("jax_compilation_cache_max_size", 8 << 30)
+    cc.set_cache_dir(str(compile_cache_dir))
+    yield compile_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_compilation_cache_max_size", previous)
+    cc.reset_cache()
 
 
 @pytest.fixture(scope="module")
-def compile_cache(compile_cache_dir):
-    """JAX's persistent compilation cache, for modules that start the same training program many times.
-
-    A program (same HLO, devices and options) is compiled once per session; every later run, in this
-    process or in a subprocess started with the returned environment, loads that executable instead of
-    compiling it again: what runs is the same. Every compile counts (the default skips those under 1 s,
-    e.g. the many small slicing programs Orbax compiles for its first save in a process).
-    Yields the environment variables that turn it on in subprocesses; off again after the module.
-    Single-process runs only: on CPU each process of a multi-process run keys the same program
-    differently and only process 0 writes, so the processes would drift apart (test_multihost_cli.py).
-    """
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
+def compile_cache(compile_cache_dir, session_compile_cache):
+    """For modules that start the same training program many times: every compile is cached, also those
+    under a second (e.g. the many small slicing programs Orbax compiles for its first save in a process).
+    Yields the environment variables that give a subprocess the same cache (single-process runs only: on
+    CPU each process of a multi-process run keys the same program differently and only process 0 writes,
+    so the processes would drift apart, see test_multihost_cli.py)."""
+    assert session_compile_cache is not None, "this module turned the compilation cache off"
     previous = jax.config.jax_persistent_cache_min_compile_time_secs
-    cc.set_cache_dir(str(compile_cache_dir))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    yield {"JAX_COMPILATION_CACHE_DIR": str(compile_cache_dir),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    jax.config.update("jax_compilation_cache_dir", None)
+    yield {"JAX_COMPILATION_CACHE_DIR": str(compile_cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30)}
     jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
-    cc.reset_cache()
 
 
 @pytest.fixture(scope="module")

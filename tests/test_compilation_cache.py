@@ -8,6 +8,8 @@ import pytest
 from xlsr_jax.experiment import load_experiment
 from xlsr_jax.train.loop import train_and_evaluate
 
+PERSISTENT_COMPILE_CACHE = False  # what is tested here is the workdir cache, set up by the loop
+
 OVERRIDES = ["--config.train.eval_every=0", "--config.train.log_every=1", "--config.data.num_buckets=1",
              "--config.train.checkpoint_every=2"]
 
