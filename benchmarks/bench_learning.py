@@ -93,6 +93,20 @@ def hf_tensors(batch):
             torch.from_numpy((batch["sampled_negatives"] + offsets).astype(np.int64)))
 
 
+def hf_model(state_dict: dict, model_config):
+    """`Wav2Vec2ForPreTraining` holding `state_dict` (ours through `params_to_state_dict`); every key must
+    match, except HF's `masked_spec_embed` where ours has none."""
+    import torch
+    import transformers
+
+    model = transformers.Wav2Vec2ForPreTraining(transformers.Wav2Vec2Config(**model_config.to_hf_dict()))
+    missing, unexpected = model.load_state_dict(
+        {k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, strict=False)
+    if unexpected or [k for k in missing if "masked_spec_embed" not in k]:
+        raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    return model
+
+
 def hf_dev_metrics(model, dev_batches, temperature: float) -> dict:
     """Dev accuracy, loss and code perplexity of a `Wav2Vec2ForPreTraining` (deterministic forward)."""
     import torch
@@ -115,8 +129,6 @@ def cross_forward(program, dev_batches, model_dirs: dict) -> dict:
     """Each trained encoder through both forwards (our eval step, and HF's after `params_to_state_dict`) on
     the same dev batches: where the two forwards agree, a dev gap between the encoders is the training's."""
     import jax
-    import torch
-    import transformers
 
     from xlsr_jax.convert.hf import params_to_state_dict
     from xlsr_jax.model_dir import load_model_dir
@@ -127,9 +139,7 @@ def cross_forward(program, dev_batches, model_dirs: dict) -> dict:
         _, _, params = load_model_dir(path)
         rows = [jax.device_get(program.eval_step(params, batch)) for batch in dev_batches]
         ours = {k: float(np.mean([r[k] for r in rows])) for k in ("accuracy", "loss", "code_perplexity")}
-        model = transformers.Wav2Vec2ForPreTraining(transformers.Wav2Vec2Config(**config.to_hf_dict()))
-        state_dict = params_to_state_dict(jax.device_get(params), config, "pretraining")
-        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state_dict.items()}, strict=False)
+        model = hf_model(params_to_state_dict(jax.device_get(params), config, "pretraining"), config)
         hf = hf_dev_metrics(model, dev_batches, config.contrastive_logits_temperature)
         result[name] = {"ours": ours, "hf": {k: hf[k] for k in ours}}
     return result
@@ -138,16 +148,12 @@ def cross_forward(program, dev_batches, model_dirs: dict) -> dict:
 def train_hf(init_sd, model_config, train_batches, dev_batches, config, eval_every: int, log, seed: int,
              noises: list | None = None) -> dict:
     import torch
-    import transformers
 
     from xlsr_jax.objectives.contrastive import gumbel_temperature
     from xlsr_jax.train.optim import make_schedule
 
     torch.manual_seed(seed)
-    model = transformers.Wav2Vec2ForPreTraining(transformers.Wav2Vec2Config(**model_config.to_hf_dict()))
-    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in init_sd.items()}, strict=False)
-    if unexpected or [k for k in missing if "masked_spec_embed" not in k]:
-        raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    model = hf_model(init_sd, model_config)
     o = config.optim
     opt = torch.optim.AdamW(model.parameters(), lr=0.0, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
     schedule = make_schedule(o)
