@@ -1,7 +1,7 @@
 """A workdir in Cloud Storage (gs://), against a local emulator: checkpoints, metrics, TensorBoard, resume, export.
 
 What reaches the emulator: Orbax/tensorstore (checkpoint arrays), gcsfs through etils.epath (checkpoint
-metadata, grain's data position, metrics.jsonl, vocab.json), google-cloud-storage (tensorboardX events).
+metadata, grain's data position, metrics.jsonl, vocab.json, TensorBoard events).
 Not covered here: tensorstore's OCDBT layout (the default on real buckets) reads the `x-goog-generation`
 header that gcp-storage-emulator does not send ("Malformed StorageGeneration"), so these runs use
 `train.checkpoint_ocdbt=False`.

@@ -62,7 +62,13 @@ def test_smoke_preset_trains_and_evaluates(tmp_path):
     assert np.isfinite(losses).all() and losses[-1] < losses[0]
     assert result.eval_history and np.isfinite(result.eval_history[-1]["loss"])
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") >= len(result.history)
-    assert list((tmp_path / "tensorboard").iterdir())
+    from tensorboard.backend.event_processing import event_accumulator
+
+    board = event_accumulator.EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == [h["step"] for h in result.history]
+    assert np.allclose([e.value for e in board.Scalars("train/loss")], losses, rtol=1e-6)
+    assert [e.step for e in board.Scalars("eval/loss")] == [h["step"] for h in result.eval_history]
     assert (tmp_path / "data" / "dataset.json").is_file()
 
 

@@ -1,4 +1,4 @@
-"""Step metrics: a JSONL log, TensorBoard event files (tensorboardX, no TensorFlow), a progress line,
+"""Step metrics: a JSONL log, TensorBoard event files (`events.EventWriter`), a progress line,
 and model FLOPs utilization from an analytic FLOP count (attention included)."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import jax
 from etils import epath
 
 from xlsr_jax.config import Wav2Vec2Config
+from xlsr_jax.train.events import EventWriter
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,8 @@ class MetricsWriter:
     """Writes every logged step to `workdir/metrics.jsonl` and TensorBoard; prints a progress line."""
 
     def __init__(self, workdir: str | pathlib.Path, total_steps: int, enabled: bool = True):
-        """`workdir`: local, or a bucket path (gs://...), where metrics.jsonl is rewritten at each write
-        (object stores cannot append) and TensorBoard events go through google-cloud-storage."""
+        """`workdir`: local, or a bucket path (gs://...), where metrics.jsonl and the TensorBoard event file
+        are rewritten at each write (object stores cannot append)."""
         self.enabled = enabled
         self.total_steps = total_steps
         self._tb = None
@@ -87,12 +88,7 @@ class MetricsWriter:
             self._remote_lines = self._path.read_text().splitlines(keepends=True) if self._path.exists() else []
         else:
             self._file = open(self._path, "a", buffering=1)
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
-        except ImportError:  # optional: the JSONL log has everything
-            log.warning("tensorboardX not installed: TensorBoard events are not written")
+        self._tb = EventWriter(workdir / "tensorboard")
 
     def write(self, step: int, metrics: Mapping[str, float], prefix: str = "train") -> None:
         if not self.enabled:
@@ -105,9 +101,9 @@ class MetricsWriter:
         else:
             self._file.write(json.dumps(row) + "\n")
         if self._tb is not None:
-            for key, value in row.items():
-                if key not in ("step", "split", "time") and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(f"{prefix}/{key}", value, step)
+            self._tb.write(step, {f"{prefix}/{key}": value for key, value in row.items()
+                                  if key not in ("step", "split", "time") and isinstance(value, (int, float))
+                                  and math.isfinite(value)}, wall_time=row["time"])
 
     def progress(self, step: int, metrics: Mapping[str, float]) -> str:
         """A one-line progress report with rate and ETA (also logged)."""
