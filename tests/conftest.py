@@ -6,10 +6,11 @@ import subprocess
 import time
 import urllib.request
 
-# Must happen before the first `import jax` in the test session. (Not --xla_backend_optimization_level=0:
-# it halves the compiles of the smoke step but changes results, e.g. which of two near-tied labels wins.)
+# Must happen before the first `import jax` in the test session (subprocesses inherit the flags).
+from compile_flags import FAST_COMPILE_FLAGS  # noqa: E402
+
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The tpu extra (AOT compiles for TPU topologies) is installed in CI: keep libtpu from probing cloud

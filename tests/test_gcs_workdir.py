@@ -19,6 +19,7 @@ import urllib.request
 import jax
 import numpy as np
 import pytest
+from compile_flags import FAST_COMPILE_FLAGS
 
 from xlsr_jax.model_dir import load_model_dir
 from xlsr_jax.train.checkpoint import Checkpointer
@@ -49,8 +50,7 @@ def _committed(url):
 def _run(workdir, steps, env, wait=True):
     cmd = CLI + ["train", "--config", "experiments/pretrain_xlsr.py:smoke", "--workdir", str(workdir),
                  f"--config.train.steps={steps}", *OVERRIDES]
-    full_env = {**os.environ, **env, "JAX_PLATFORMS": "cpu"}
-    full_env.pop("XLA_FLAGS", None)
+    full_env = {**os.environ, **env, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE_FLAGS}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     run = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=600)

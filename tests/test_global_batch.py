@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 import pytest
+from compile_flags import FAST_COMPILE_FLAGS
 from jax.sharding import PartitionSpec as P
 
 from data_pipelines import synthetic
@@ -95,7 +96,7 @@ def test_two_processes_assemble_the_single_host_batch(tmp_path, batch):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE_FLAGS, "JAX_PLATFORMS": "cpu"}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", _HOST, str(port), str(i), str(d), str(tmp_path / f"{i}.npz")],

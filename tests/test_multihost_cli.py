@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import portpicker
 import pytest
+from compile_flags import FAST_COMPILE_FLAGS
 
 from data_pipelines.corpus import corpus_dir
 from data_pipelines.ingest.prepare import prepare
@@ -33,7 +34,7 @@ CLI = [sys.executable, "-c", "import sys; from xlsr_jax.cli import main; sys.exi
 
 def _env(devices: int, extra: dict | None = None) -> dict:
     env = {**os.environ, **(extra or {})}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}"
     env["JAX_PLATFORMS"] = "cpu"
     return env
 

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from compile_flags import FAST_COMPILE_FLAGS
 
 from data_pipelines.corpus import corpus_dir
 from data_pipelines.ingest.prepare import prepare
@@ -18,7 +19,7 @@ WORKER = ROOT / "tests" / "train_worker.py"
 
 def _env(**extra):
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the workers set their own device counts
+    env["XLA_FLAGS"] = FAST_COMPILE_FLAGS  # the workers set their own device counts
     env["PYTHONPATH"] = str(ROOT)
     env.update(extra)
     return env
