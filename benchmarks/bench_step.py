@@ -2,7 +2,7 @@
 peak memory, and the time from process start to the first step.
 
     python benchmarks/bench_step.py [--preset base] [--seconds 5] [--batch 4] [--dtype float32]
-        [--steps 6] [--rounds 2] [--post-ln] [--remat none] [--unrolled] [--attention auto]
+        [--steps 6] [--rounds 2] [--post-ln] [--remat none] [--conv-remat] [--unrolled] [--attention auto]
         [--frameworks ours torch] [--flax-python PATH] [--compile-cache DIR] [--profile-top N]
 
 Each framework runs in its own process (`--worker ours|torch`), the two alternating for `--rounds`, so
@@ -56,7 +56,7 @@ def _config(args):
 
     arch = {} if args.post_ln else {"do_stable_layer_norm": True, "feat_extract_norm": "layer", "conv_bias": True}
     return get_preset(args.preset, **arch, dtype=args.dtype, remat_policy=args.remat, scan_layers=not args.unrolled,
-                      attention_impl=args.attention,
+                      conv_remat=args.conv_remat, attention_impl=args.attention,
                       hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
                       layerdrop=0.0, mask_time_prob=0.65)
 
@@ -325,6 +325,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--remat", default="none")
+    parser.add_argument("--conv-remat", action="store_true", help="ours: conv_remat (the conv encoder's norms and "
+                        "activations recomputed in the backward pass)")
     parser.add_argument("--attention", default="auto", help="ours: attention_impl (auto, xla, cudnn)")
     parser.add_argument("--unrolled", action="store_true", help="our layers unrolled instead of nn.scan")
     parser.add_argument("--post-ln", action="store_true", help="the original base model (post-LN, group norm)")
@@ -357,7 +359,8 @@ def main(argv=None) -> int:
     passthrough = [f"--preset={args.preset}", f"--seconds={args.seconds}", f"--batch={args.batch}",
                    f"--dtype={args.dtype}", f"--remat={args.remat}", f"--steps={args.steps}",
                    f"--profile-top={args.profile_top}", f"--attention={args.attention}",
-                   *(["--unrolled"] if args.unrolled else []), *(["--post-ln"] if args.post_ln else [])]
+                   *(["--unrolled"] if args.unrolled else []), *(["--post-ln"] if args.post_ln else []),
+                   *(["--conv-remat"] if args.conv_remat else [])]
     runs: dict[str, list[dict]] = {name: [] for name in args.frameworks}
     failed: dict[str, str] = {}
     cache_env = None
@@ -407,7 +410,8 @@ def main(argv=None) -> int:
     header = f"{'framework':<10} {'step s median':>13} {'min-max':>13} {memory:>15} {'MFU':>6} {'ready s':>8} " \
              f"{'compile s':>9} {'first step s':>12} {'start->1st step s':>17}"
     kernel = runs["ours"][0]["attention"] if runs.get("ours") else "-"
-    print(f"{args.preset}, {args.batch} x {args.seconds:g} s, {args.dtype}, remat {args.remat}, our attention {kernel}, on "
+    print(f"{args.preset}, {args.batch} x {args.seconds:g} s, {args.dtype}, remat {args.remat}"
+          f"{' + conv_remat' if args.conv_remat else ''}, our attention {kernel}, on "
           f"{', '.join(sorted({str(row['device']) for row in rows.values()}))}")
     print(header)
     print("-" * len(header))

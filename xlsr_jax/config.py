@@ -97,6 +97,9 @@ class Wav2Vec2Config:
     dtype: str = "float32"  # compute dtype; parameters are always float32
     scan_layers: bool = True  # nn.scan over the transformer layers (fast compile) or unrolled
     remat_policy: str = "none"  # rematerialization of each transformer layer, see REMAT_POLICIES
+    # Rematerialize the conv feature encoder's norms and activations in the backward pass, keeping each
+    # layer's input and conv output (its activations dominate the step's memory at long crops).
+    conv_remat: bool = False
     attention_impl: str = "auto"  # see ATTENTION_IMPLS
     # fairseq's feature_grad_mult: gradient scale into the conv encoder (0 freezes it).
     feature_grad_mult: float = 1.0
@@ -248,7 +251,7 @@ class Wav2Vec2Config:
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "swish", "silu")
 
-_OURS = ("dtype", "scan_layers", "remat_policy", "attention_impl", "feature_grad_mult", "do_normalize")
+_OURS = ("dtype", "scan_layers", "remat_policy", "conv_remat", "attention_impl", "feature_grad_mult", "do_normalize")
 _HF_BOOKKEEPING_KEYS = frozenset(
     {
         "architectures", "model_type", "transformers_version", "torch_dtype", "dtype_hf",

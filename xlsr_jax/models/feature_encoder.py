@@ -5,9 +5,12 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from xlsr_jax.config import Wav2Vec2Config
 from xlsr_jax.models.layers import Dense, LayerNorm, activation, conv1d, gathered, logical, torch_linear_uniform
+
+CONV_OUTPUT = "conv_output"  # the name under which `conv_remat` keeps each conv's output
 
 
 def frame_mask(config: Wav2Vec2Config, attention_mask: jax.Array, num_frames: int) -> jax.Array:
@@ -39,6 +42,7 @@ class ConvLayer(nn.Module):
         if cfg.conv_bias:
             bias = self.param("bias", logical(torch_linear_uniform(in_dim * k), ("conv_out",)), (out_dim,))
             x = x + bias.astype(dtype)
+        x = checkpoint_name(x, CONV_OUTPUT)
         if cfg.feat_extract_norm == "layer":
             # PyTorch's LayerNorm default eps here, not config.layer_norm_eps (as in Hugging Face).
             x = LayerNorm("conv_out", epsilon=1e-5, dtype=dtype, name="layer_norm")(x)
@@ -48,15 +52,23 @@ class ConvLayer(nn.Module):
 
 
 class FeatureEncoder(nn.Module):
-    """Raw audio [B, samples] -> conv features [B, frames, conv_dim[-1]]."""
+    """Raw audio [B, samples] -> conv features [B, frames, conv_dim[-1]].
+
+    With `config.conv_remat` each conv layer is rematerialized: its backward pass keeps the layer's input
+    and its conv output and recomputes the norm and activation from them (elementwise work). The
+    parameters keep their names and shapes.
+    """
 
     config: Wav2Vec2Config
 
     @nn.compact
     def __call__(self, input_values: jax.Array) -> jax.Array:
+        layer = ConvLayer
+        if self.config.conv_remat:
+            layer = nn.remat(ConvLayer, policy=jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT))
         x = input_values[..., None]
         for i in range(self.config.num_feat_extract_layers):
-            x = ConvLayer(self.config, i, name=f"conv_layers_{i}")(x)
+            x = layer(self.config, i, name=f"conv_layers_{i}")(x)
             x = nn.with_logical_constraint(x, ("batch", "frames", "act_conv"))
         return x
 

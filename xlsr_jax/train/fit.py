@@ -160,7 +160,7 @@ def analytic_memory(program: TrainProgram, global_batch: int, num_samples: int) 
     length = num_samples
     for dim, k, s in zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride):
         length = (length - k) // s + 1
-        conv += length * dim * (2 * b + 4)
+        conv += length * dim * (2 * b if cfg.conv_remat else 2 * b + 4)  # conv_remat: the input and conv output
     activations = rows * (cfg.num_hidden_layers * per_layer + conv + 4 * t * h * 4)
     return MemoryEstimate(state=state, gradients=gradients, activations=int(activations))
 
