@@ -10,8 +10,10 @@ from xlsr_jax.train.loop import train_and_evaluate
 
 PERSISTENT_COMPILE_CACHE = False  # what is tested here is the workdir cache, set up by the loop
 
+# JAX's cache alone: the kept executables (train.keep_executables, tests/test_executables.py) would serve the
+# restart before JAX's cache is asked.
 OVERRIDES = ["--config.train.eval_every=0", "--config.train.log_every=1", "--config.data.num_buckets=1",
-             "--config.train.checkpoint_every=2"]
+             "--config.train.checkpoint_every=2", "--config.train.keep_executables=False"]
 
 
 @pytest.mark.slow

@@ -27,6 +27,9 @@ def train_section(steps: int, eval_every: int, checkpoint_every: int) -> ml_coll
         "checkpoint_ocdbt": True,  # tensorstore's OCDBT layout; False: one file per chunk (see train/checkpoint.py)
         # JAX's persistent compilation cache: "auto" = WORKDIR/compile_cache (local workdirs), a path, or "" (off)
         "compilation_cache_dir": "auto",
+        # Keep the compiled train step in COMPILATION_CACHE_DIR/executables, keyed by config, code and devices,
+        # so that a restart skips tracing and lowering too (single-process runs; see train/executables.py)
+        "keep_executables": True,
         "profile_steps": 0,  # N > 0: a jax.profiler trace of N steps into WORKDIR/profile
         "profile_skip": 2,  # steps after each (re)start before the trace begins (the first ones compile)
     })  # fmt: skip

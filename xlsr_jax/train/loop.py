@@ -30,6 +30,7 @@ from xlsr_jax.parallel.distributed import describe_job
 from xlsr_jax.parallel.mesh import build_mesh, resolve_mesh_config, validate_for_model
 from xlsr_jax.parallel.rules import Rules, param_shardings
 from xlsr_jax.train.checkpoint import Checkpointer, is_local
+from xlsr_jax.train.executables import StepExecutables, environment_fingerprint
 from xlsr_jax.train.metrics import MetricsWriter, device_peak_flops, train_flops_per_step
 from xlsr_jax.train.program import build_program
 from xlsr_jax.train.state import create_train_state
@@ -288,11 +289,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """Train (or resume) the run described by `config` in `workdir` (a local path or e.g. gs://bucket/run)."""
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    with _CompilationCache(workdir, config.train):
-        return _train_and_evaluate(config, workdir)
+    with _CompilationCache(workdir, config.train) as cache:
+        keep = cache.directory and config.train.get("keep_executables", True) and jax.process_count() == 1
+        return _train_and_evaluate(config, workdir, epath.Path(cache.directory) / "executables" if keep else None)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) -> RunResult:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
+                        executables_dir: epath.Path | None = None) -> RunResult:
     model_config = model_config_from(config, workdir)
     if config.model.get("init_from") and jax.process_index() == 0 and not (workdir / INIT_CONFIG).is_file():
         (workdir / INIT_CONFIG).write_text((epath.Path(config.model.init_from) / "config.json").read_text())
@@ -334,6 +337,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
             state = init_encoder_from(state, program.state_shardings, config.model.init_from, mesh, program.rules)
         step = 0
 
+    train_step = StepExecutables(program.train_step, executables_dir,
+                                 environment_fingerprint(config))
     total = config.train.steps
     writer = MetricsWriter(workdir, total, enabled=jax.process_index() == 0)
     peak = device_peak_flops()
@@ -364,7 +369,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path) 
             flops_since_log += train_flops_per_step(model_config, program.num_params, rows,
                                                     host_batch["input_values"].shape[1])
             batch = to_global_batch({k: host_batch[k] for k in task.step_keys}, mesh, program.rules, task.batch_axes)
-            state, metrics = program.train_step(state, batch)
+            state, metrics = train_step(state, batch)
             step += 1
             profiler.after(step, state)
             log_step = step % config.train.log_every == 0 or step == total

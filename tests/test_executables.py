@@ -1,0 +1,135 @@
+"""Compiled train steps kept in the workdir (xlsr_jax.train.executables): a restart runs the kept executable
+without tracing, bit for bit as the uninterrupted run; a changed program compiles again; a bad entry is
+replaced; the keys left out of the fingerprint really do not change the program."""
+
+import logging
+
+import jax
+import jax.monitoring
+import numpy as np
+import pytest
+
+from data_pipelines.corpus import corpus_dir
+from data_pipelines.ingest.prepare import prepare
+from xlsr_jax.experiment import load_experiment
+from xlsr_jax.train.executables import HOST_ONLY_TRAIN_KEYS, environment_fingerprint
+from xlsr_jax.train.fit import fit_program
+from xlsr_jax.train.loop import train_and_evaluate
+from xlsr_jax.train.program import abstract_batch
+
+EXPERIMENT = "experiments/pretrain_xlsr.py:smoke"
+# Each run uses its workdir's own JAX cache (the loop's default), so a step is compiled, not loaded from a
+# cache another test filled: only a step compiled in the process is kept (see executables.py).
+PERSISTENT_COMPILE_CACHE = False
+LOGGER = "xlsr_jax.train.executables"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus") / "prepared"
+    prepare(corpus_dir(), out, workers=0, progress=False)
+    return out
+
+
+def _config(data_dir, **overrides):
+    base = {"data.dir": str(data_dir), "train.eval_every": 0, "train.log_every": 1, "data.num_buckets": 1,
+            "train.checkpoint_every": 2, "optim.total_steps": 4}
+    base.update(overrides)
+    return load_experiment(EXPERIMENT, [f"--config.{k}={v}" for k, v in base.items()])
+
+
+def _traced_train_steps():
+    """A list that collects the train step's tracings while the returned listener is registered."""
+    traced = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration" and "train_step" in str(kwargs.get("fun_name", "")):
+            traced.append(kwargs["fun_name"])
+
+    return traced, listener
+
+
+def _params(result):
+    return jax.tree_util.tree_leaves(jax.device_get(result.state.params))
+
+
+@pytest.mark.slow
+def test_a_restart_runs_the_kept_step_untraced_and_equals_the_uninterrupted_run(tmp_path, data_dir, caplog):
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    full = train_and_evaluate(_config(data_dir, **{"train.steps": 4}), tmp_path / "full")
+    first = train_and_evaluate(_config(data_dir, **{"train.steps": 2}), tmp_path / "run")
+    kept = sorted((tmp_path / "run" / "compile_cache" / "executables").iterdir())
+    assert len(kept) == 1 and kept[0].name.startswith("train_step-") and first.step == 2
+
+    traced, listener = _traced_train_steps()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    caplog.clear()
+    try:
+        # The restart extends the run (train.steps, a host-only key) and logs less often: the same program.
+        second = train_and_evaluate(_config(data_dir, **{"train.steps": 4, "train.log_every": 2}), tmp_path / "run")
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert traced == [], "the restart traced its train step instead of loading the kept executable"
+    assert any("loaded the compiled train step" in r.getMessage() for r in caplog.records)
+    assert second.step == 4
+    for a, b in zip(_params(second), _params(full)):
+        np.testing.assert_array_equal(a, b)
+    assert sorted((tmp_path / "run" / "compile_cache" / "executables").iterdir()) == kept
+
+    # Another program (a learning rate is a constant in the step): compiled and kept beside the first.
+    third = train_and_evaluate(_config(data_dir, **{"train.steps": 6, "optim.peak_lr": 2e-3}), tmp_path / "run")
+    assert third.step == 6
+    assert len(list((tmp_path / "run" / "compile_cache" / "executables").iterdir())) == 2
+
+
+@pytest.mark.slow
+def test_an_unreadable_entry_is_replaced_and_the_run_goes_on(tmp_path, data_dir, caplog):
+    first = train_and_evaluate(_config(data_dir, **{"train.steps": 2}), tmp_path / "run")
+    (entry,) = (tmp_path / "run" / "compile_cache" / "executables").iterdir()
+    entry.write_bytes(entry.read_bytes()[:1000])  # torn
+    for cached in (tmp_path / "run" / "compile_cache").glob("jit_train_step-*"):  # JAX's entry: compile anew
+        cached.unlink()
+    caplog.set_level(logging.WARNING, logger=LOGGER)
+    second = train_and_evaluate(_config(data_dir, **{"train.steps": 4}), tmp_path / "run")
+    assert first.step == 2 and second.step == 4
+    assert any("could not load the compiled train step" in r.getMessage() for r in caplog.records)
+    assert entry.stat().st_size > 100_000  # written again, whole
+
+
+def test_keep_executables_false_keeps_nothing(tmp_path, data_dir):
+    train_and_evaluate(_config(data_dir, **{"train.steps": 1, "train.keep_executables": False}), tmp_path)
+    assert not (tmp_path / "compile_cache" / "executables").exists()
+
+
+def test_the_keys_left_out_of_the_fingerprint_do_not_change_the_program(cpu_devices, data_dir):
+    """Every HOST_ONLY_TRAIN_KEYS value changed at once: the same lowered train step. A key the step reads
+    (the learning rate) changes both the program and the fingerprint."""
+    changed = {"train.steps": 999, "train.log_every": 7, "train.eval_every": 5, "train.checkpoint_every": 9,
+               "train.keep_checkpoints": 1, "train.best_metric": "loss", "train.best_mode": "max",
+               "train.max_nonfinite_streak": 3, "train.max_bad_records": 0, "train.async_checkpointing": False,
+               "train.checkpoint_ocdbt": False, "train.compilation_cache_dir": "''", "train.keep_executables": False,
+               "train.profile_steps": 3, "train.profile_skip": 0, "train.eval_batches": 2}
+    assert {k.split(".", 1)[1] for k in changed} == set(HOST_ONLY_TRAIN_KEYS)
+
+    def lowered(config):
+        program = fit_program(config, cpu_devices)
+        return program.train_step.lower(program.abstract_state_with_shardings(),
+                                        abstract_batch(program, config.data.global_batch_size, 16000)).as_text()
+
+    base = _config(data_dir)
+    moved = _config(data_dir, **changed)
+    assert lowered(moved) == lowered(base)
+    assert environment_fingerprint(moved) == environment_fingerprint(base)
+    other = _config(data_dir, **{"optim.peak_lr": 2e-3})
+    assert environment_fingerprint(other) != environment_fingerprint(base)
+    assert lowered(other) != lowered(base)
+
+
+def test_xla_flags_and_jax_settings_enter_the_fingerprint(data_dir, monkeypatch):
+    config = _config(data_dir)
+    base = environment_fingerprint(config)
+    with jax.default_matmul_precision("bfloat16"):  # a thread-local setting changes what is traced
+        assert environment_fingerprint(config) != base
+    assert environment_fingerprint(config) == base
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
+    assert environment_fingerprint(config) != base

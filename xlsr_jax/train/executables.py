@@ -1,0 +1,177 @@
+"""Compiled train steps kept between runs, so that a restarted job neither traces, lowers nor compiles.
+
+JAX's persistent compilation cache (on by default, `train.compilation_cache_dir`) saves the compile,
+but finding an entry needs the program's HLO: a restart still traces and lowers the step (2-3 s for the
+smoke step on the CI machine, the most of what remains of a restart). This cache keys the compiled
+executable by everything the traced program is made of, known without tracing:
+
+- the run's config, less the `train` keys only the host loop reads (`HOST_ONLY_TRAIN_KEYS`: run length,
+  logging, checkpointing, profiling), so that extending a run or logging more often still finds its step.
+  `tests/test_executables.py` lowers the step with all of them changed and checks the program is the same;
+- the source of `xlsr_jax` and `data_pipelines`, and the versions of jax, jaxlib, flax, optax, numpy and
+  the backend's platform version;
+- every jax config value, XLA_FLAGS and LIBTPU_INIT_ARGS;
+- the devices (ids, kinds, processes) and, per call, the shapes, dtypes and shardings of the arguments.
+
+The entry is `jax.experimental.serialize_executable`'s payload, written atomically, of a step compiled
+in this process (not one JAX's persistent cache loaded: jaxlib 0.10.2 serializes those without some of
+their kernels). One that fails to load (another jaxlib, a torn file) is logged, removed and compiled again. Single-process runs only: the
+processes of a multi-process job would have to agree on hit or miss before the first collective.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import pathlib
+import pickle
+import time
+from collections.abc import Callable
+
+import jax
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "ml-collections")
+HOST_ONLY_TRAIN_KEYS = (
+    "steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "best_metric", "best_mode",
+    "max_nonfinite_streak", "max_bad_records", "async_checkpointing", "checkpoint_ocdbt",
+    "compilation_cache_dir", "keep_executables", "profile_steps", "profile_skip", "eval_batches",
+)  # fmt: skip
+_SOURCE_ROOTS = ("xlsr_jax", "data_pipelines")
+
+
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for root in _SOURCE_ROOTS:
+        package = pathlib.Path(__import__(root).__file__).parent
+        for path in sorted(package.rglob("*.py")):
+            digest.update(str(path.relative_to(package.parent)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "-"
+
+
+def program_config_json(config) -> str:
+    """The run's config (an ml_collections ConfigDict) as JSON, less `HOST_ONLY_TRAIN_KEYS`."""
+    data = json.loads(config.to_json_best_effort(sort_keys=True))
+    for key in HOST_ONLY_TRAIN_KEYS:
+        data.get("train", {}).pop(key, None)
+    return json.dumps(data, sort_keys=True)
+
+
+def fingerprint_parts(config) -> dict:
+    """What a traced step is made of, besides its arguments: config, code, versions, flags, devices."""
+    return {
+        "config": program_config_json(config),
+        "source": _source_digest(),
+        "versions": {p: _version(p) for p in _PACKAGES},
+        "platform": [jax.devices()[0].platform, jax.devices()[0].client.platform_version],
+        "jax_config": {k: repr(v) for k, v in sorted(jax.config.values.items())},
+        "env": {k: os.environ.get(k, "") for k in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")},
+        "devices": [(d.id, d.process_index, d.platform, d.device_kind) for d in jax.devices()],
+        "process": [jax.process_index(), jax.process_count()],
+    }
+
+
+def environment_fingerprint(config) -> str:
+    """A digest of `fingerprint_parts(config)`."""
+    return hashlib.sha256(json.dumps(fingerprint_parts(config), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _signature(args) -> str:
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    return repr(treedef) + "".join(
+        f"|{getattr(x, 'shape', None)}{getattr(x, 'dtype', None)}{getattr(x, 'sharding', None)}" for x in leaves)
+
+
+def _batch_key(batch) -> tuple:
+    return tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+
+
+class StepExecutables:
+    """Runs a jitted `(state, batch)` step through executables compiled once, kept in `directory`.
+
+    `directory` None keeps nothing between runs (each batch shape is still compiled once, as jit does).
+    Counts what it did in `loaded` and `compiled`.
+    """
+
+    def __init__(self, jitted: Callable, directory: str | epath.Path | None, fingerprint: str):
+        self._jitted = jitted
+        self._directory = epath.Path(directory) if directory else None
+        self._fingerprint = fingerprint
+        self._by_batch: dict[tuple, Callable] = {}
+        self.loaded = 0
+        self.compiled = 0
+
+    def __call__(self, state, batch):
+        key = _batch_key(batch)
+        step = self._by_batch.get(key)
+        if step is None:
+            step = self._by_batch[key] = self._executable(state, batch)
+        return step(state, batch)
+
+    def _path(self, state, batch) -> epath.Path | None:
+        if self._directory is None:
+            return None
+        digest = hashlib.sha256((self._fingerprint + _signature((state, batch))).encode()).hexdigest()[:40]
+        return self._directory / f"train_step-{digest}.pkl"
+
+    def _executable(self, state, batch) -> Callable:
+        from jax.experimental import serialize_executable
+
+        path = self._path(state, batch)
+        if path is not None and path.exists():
+            start = time.perf_counter()
+            try:
+                payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+                step = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+            except Exception as e:  # another jaxlib, a torn or foreign file: compile instead
+                log.warning("could not load the compiled train step %s (%s: %s); compiling it again",
+                            path, type(e).__name__, str(e)[:200])
+                path.unlink(missing_ok=True)
+            else:
+                self.loaded += 1
+                log.info("loaded the compiled train step from %s in %.2f s", path, time.perf_counter() - start)
+                return step
+        cache_hits = []
+
+        def on_event(event, **kwargs):
+            if event == "/jax/compilation_cache/cache_hits":
+                cache_hits.append(event)
+
+        # Lowered from what the signature above holds (shapes, dtypes, shardings), nothing else of the arrays.
+        abstract = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type),
+            (state, batch))
+        jax.monitoring.register_event_listener(on_event)
+        try:
+            compiled = self._jitted.lower(*abstract).compile()
+        finally:
+            jax.monitoring.unregister_event_listener(on_event)
+        self.compiled += 1
+        if cache_hits:
+            # jaxlib 0.10.2 serializes an executable that JAX's persistent cache loaded without some of its
+            # kernels ("Function ... not found" when the copy runs): keep only what was compiled here.
+            log.info("the train step came from JAX's compilation cache: not kept in %s", self._directory)
+        elif path is not None:
+            try:
+                data = pickle.dumps(serialize_executable.serialize(compiled))
+                self._directory.mkdir(parents=True, exist_ok=True)
+                partial = path.parent / f"{path.name}.partial-{os.getpid()}"
+                partial.write_bytes(data)
+                partial.rename(path)
+            except Exception as e:  # e.g. a backend that cannot serialize: run without keeping it
+                log.warning("could not keep the compiled train step in %s (%s: %s)", path, type(e).__name__,
+                            str(e)[:200])
+        return compiled
