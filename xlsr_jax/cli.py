@@ -467,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
             print(f"xlsr-jax {args.command}: error: the accelerator ran out of memory "
                   f"({str(e).splitlines()[0][:300]}). Lower data.max_tokens or the batch, or set "
-                  "--config.model.overrides.remat_policy=full; `xlsr-jax fit` checks a config's memory before a run.",
+                  "--config.model.overrides.remat_policy=full (for long crops also "
+                  "--config.model.overrides.conv_remat=True); `xlsr-jax fit` checks a config's memory before a run.",
                   file=sys.stderr)
             return 2
         traceback.print_exc()

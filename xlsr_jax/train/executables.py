@@ -15,8 +15,9 @@ executable by everything the traced program is made of, known without tracing:
 
 The entry is `jax.experimental.serialize_executable`'s payload, written atomically, of a step compiled
 in this process (not one JAX's persistent cache loaded: jaxlib 0.10.2 serializes those without some of
-their kernels). One that fails to load (another jaxlib, a torn file) is logged, removed and compiled again. Single-process runs only: the
-processes of a multi-process job would have to agree on hit or miss before the first collective.
+their kernels). One that fails to load (another jaxlib, a torn file) is logged, removed and compiled
+again. Single-process runs only: the processes of a multi-process job would have to agree on hit or miss
+before the first collective.
 """
 
 from __future__ import annotations
