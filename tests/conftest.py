@@ -89,7 +89,7 @@ def session_compile_cache(request, compile_cache_dir):
 @pytest.fixture(scope="module")
 def compile_cache(compile_cache_dir, session_compile_cache):
     """For modules that start the same training program many times: every compile is cached, also those
-    under a second (e.g. the many small slicing programs Orbax compiles for its first save in a process).
+    under a second.
     Yields the environment variables that give a subprocess the same cache (single-process runs only: on
     CPU each process of a multi-process run keys the same program differently and only process 0 writes,
     so the processes would drift apart, see test_multihost_cli.py)."""

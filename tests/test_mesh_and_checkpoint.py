@@ -1,13 +1,14 @@
 """Mesh config validation and presets; checkpoints: torn saves ignored, export to a model directory."""
 
 import jax
+import jax.monitoring
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from xlsr_jax.config import PRESETS, ConfigError, get_preset
 from xlsr_jax.parallel.mesh import MESH_PRESETS, build_mesh, mesh_shape, resolve_mesh_config, validate_for_model
-from xlsr_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from xlsr_jax.train.checkpoint import MIN_REPLICA_SLICE_BYTES, Checkpointer, abstract_with_shardings
 
 # chips per preset name (TPU chips: v4/v5p "-N" counts TensorCores, 2 per chip)
 CHIPS = {"v4-8": 4, "v4-128": 64, "v5e-8": 8, "v5e-256": 256, "v5p-128": 64, "v6e-256": 256, "gpu-1x8": 8}
@@ -72,6 +73,39 @@ def test_torn_save_is_never_restored(tmp_path, cpu_devices):
     step, restored = reopened.restore(abstract)
     assert step == 2 and float(restored["w"][3]) == 6.0 and restored["w"].sharding == sharding
     reopened.close()
+
+
+def test_small_replicated_arrays_are_saved_without_compiling(tmp_path, cpu_devices):
+    """Orbax slices an array the 8 devices replicate so that each replica writes a part: a jitted program per
+    shape. Below MIN_REPLICA_SLICE_BYTES per slice one replica writes it all, compiling nothing; a large array
+    is still spread (its slices compile). Both restore exactly."""
+    replicated = jax.sharding.NamedSharding(build_mesh({"ici": {"data": 8}}, cpu_devices), jax.sharding.PartitionSpec())
+    rows = MIN_REPLICA_SLICE_BYTES // 4 // 1024  # float32 rows of 1024: one slice per replica is 1/8 of them
+    small = {f"b{i}": jax.device_put(jnp.full((8 * (i + 1), 4), float(i)), replicated) for i in range(6)}
+    large = {"w": jax.device_put(jnp.arange(8 * rows * 1024, dtype=jnp.float32).reshape(8 * rows, 1024), replicated)}
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    ckpt = Checkpointer(tmp_path / "ckpt", async_save=False)
+    try:
+        ckpt.save(1, small)
+        ckpt.wait()
+        assert compiles == [], len(compiles)
+        ckpt.save(2, large)
+        ckpt.wait()
+        assert compiles, "the large array was not written replica-parallel"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    for step, state in ((1, small), (2, large)):
+        _, restored = ckpt.restore(abstract_with_shardings(jax.eval_shape(lambda s=state: s),
+                                                           jax.tree.map(lambda _: replicated, state)), step=step)
+        for key in state:
+            np.testing.assert_array_equal(np.asarray(restored[key]), np.asarray(state[key]))
+    ckpt.close()
 
 
 @pytest.mark.slow
