@@ -101,6 +101,18 @@ def compile_cache(compile_cache_dir, session_compile_cache):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", previous)
 
 
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The embedded corpus prepared (11 languages; 176 train and 44 dev clips), once per test process.
+    Tests share it: they read it and write nowhere in it."""
+    from data_pipelines.corpus import corpus_dir
+    from data_pipelines.ingest.prepare import prepare
+
+    out = tmp_path_factory.mktemp("corpus") / "prepared"
+    prepare(corpus_dir(), out, workers=0, progress=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def emulator():
     """A local Cloud Storage emulator with a bucket named `bucket`: (its URL, the environment that points

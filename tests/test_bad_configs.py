@@ -6,8 +6,6 @@ import json
 import jax.monitoring
 import pytest
 
-from data_pipelines.corpus import corpus_dir
-from data_pipelines.ingest.prepare import prepare
 from xlsr_jax.cli import main
 
 SMOKE = "experiments/pretrain_xlsr.py:smoke"
@@ -35,13 +33,6 @@ CASES = [
     (["--config.data.max_tokens=1000"], "data.max_tokens=1000"),
     (["--config.objective.perplexity_groups=3"], "perplexity_groups"),
 ]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus") / "prepared"
-    prepare(corpus_dir(), out, workers=0, progress=False)
-    return out
 
 
 @pytest.fixture

@@ -9,8 +9,7 @@ import jiwer
 import numpy as np
 import pytest
 
-from data_pipelines.corpus import corpus_dir, manifest_path
-from data_pipelines.ingest.prepare import prepare
+from data_pipelines.corpus import manifest_path
 from data_pipelines.sources import PreparedSource
 from data_pipelines.vocab import SPECIAL_TOKENS, Vocabulary
 from xlsr_jax.cli import main
@@ -22,14 +21,6 @@ from xlsr_jax.tasks import evaluation_task
 
 # One padded length: one compiled program per evaluation (compiles dominate on CPU).
 FAST = ["--num-buckets", "1", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The embedded corpus prepared: 11 languages, 44 dev clips of 1.2-2.5 s."""
-    target = tmp_path_factory.mktemp("data") / "corpus"
-    prepare(corpus_dir(), target, workers=0, progress=False)
-    return target
 
 
 @pytest.fixture(scope="module")

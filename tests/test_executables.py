@@ -9,8 +9,6 @@ import jax.monitoring
 import numpy as np
 import pytest
 
-from data_pipelines.corpus import corpus_dir
-from data_pipelines.ingest.prepare import prepare
 from xlsr_jax.experiment import load_experiment
 from xlsr_jax.train.executables import HOST_ONLY_TRAIN_KEYS, environment_fingerprint
 from xlsr_jax.train.fit import fit_program
@@ -22,13 +20,6 @@ EXPERIMENT = "experiments/pretrain_xlsr.py:smoke"
 # cache another test filled: only a step compiled in the process is kept (see executables.py).
 PERSISTENT_COMPILE_CACHE = False
 LOGGER = "xlsr_jax.train.executables"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus") / "prepared"
-    prepare(corpus_dir(), out, workers=0, progress=False)
-    return out
 
 
 def _config(data_dir, **overrides):

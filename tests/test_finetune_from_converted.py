@@ -34,17 +34,6 @@ def _arch(config: Wav2Vec2Config) -> dict:
     return {k: getattr(config, k) for k in ("num_hidden_layers", "intermediate_size", *ARCH)}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """The embedded corpus, prepared once for every run in this file."""
-    from data_pipelines.corpus import corpus_dir
-    from data_pipelines.ingest.prepare import prepare
-
-    target = tmp_path_factory.mktemp("embedded") / "data"
-    prepare(corpus_dir(), target, workers=0, progress=False)
-    return target
-
-
 def _config(experiment: str, init_from, data_dir, *overrides):
     config = load_experiment(experiment, [
         f"--config.model.init_from={init_from}", f"--config.data.dir={data_dir}",

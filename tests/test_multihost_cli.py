@@ -22,8 +22,6 @@ import portpicker
 import pytest
 from compile_flags import FAST_COMPILE_FLAGS
 
-from data_pipelines.corpus import corpus_dir
-from data_pipelines.ingest.prepare import prepare
 from xlsr_jax.parallel.distributed import detect
 from xlsr_jax.config import ConfigError
 from xlsr_jax.train.checkpoint import Checkpointer
@@ -63,13 +61,6 @@ def _params(workdir, step=None):
 
 def _max_diff(a, b):
     return max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(a, b))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus") / "prepared"
-    prepare(corpus_dir(), out, workers=0, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")

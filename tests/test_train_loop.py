@@ -6,19 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from data_pipelines.corpus import corpus_dir
-from data_pipelines.ingest.prepare import prepare
 from xlsr_jax.experiment import load_experiment
 from xlsr_jax.train.loop import TrainingError, train_and_evaluate
 
 EXPERIMENT = "experiments/pretrain_xlsr.py:smoke"
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus") / "prepared"
-    prepare(corpus_dir(), out, workers=0, progress=False)
-    return out
 
 
 def _config(data_dir, **overrides):

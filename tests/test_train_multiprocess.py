@@ -10,8 +10,6 @@ import time
 import pytest
 from compile_flags import FAST_COMPILE_FLAGS
 
-from data_pipelines.corpus import corpus_dir
-from data_pipelines.ingest.prepare import prepare
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "train_worker.py"
@@ -23,13 +21,6 @@ def _env(**extra):
     env["PYTHONPATH"] = str(ROOT)
     env.update(extra)
     return env
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus") / "prepared"
-    prepare(corpus_dir(), out, workers=0, progress=False)
-    return out
 
 
 @pytest.mark.slow

@@ -338,7 +338,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
         step = 0
 
     train_step = StepExecutables(program.train_step, executables_dir,
-                                 environment_fingerprint(config))
+                                 environment_fingerprint(config) if executables_dir else "")
     total = config.train.steps
     writer = MetricsWriter(workdir, total, enabled=jax.process_index() == 0)
     peak = device_peak_flops()
