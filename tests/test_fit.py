@@ -90,4 +90,34 @@ def test_does_not_fit_when_activations_exceed_hbm(capsys):
     assert code == 1 and "DOES NOT FIT" in out and not s["fits"]
     assert s["peak_gib"] > s["hbm_gib"]
     assert 1 / 3 <= s["compiled_over_estimate"] <= 3.0, s
+    # What would lower it, largest analytic saving first; the same update (no smaller batch offered).
+    remedies = s["remedies_gib"]
+    assert list(remedies) == sorted(remedies, key=lambda k: -remedies[k]) and all(v > 0 for v in remedies.values())
+    assert {"--config.model.overrides.remat_policy=full", "--config.model.overrides.conv_remat=True",
+            "--config.train.accum_steps=2"} == set(remedies), remedies
+    assert "--config.model.overrides.conv_remat=True (-" in out
+
+
+def test_memory_remedies_keep_the_update_and_skip_what_is_on(cpu_devices):
+    """The analytic what-ifs behind fit's advice: no remedy that is already on; with an audio budget, twice
+    the micro-batches come with half the budget each, as long as a budget still holds one crop."""
+    from xlsr_jax.experiment import load_experiment
+    from xlsr_jax.train.fit import analytic_memory, fit_program, memory_remedies
+
+    def program(*overrides):
+        config = load_experiment("experiments/pretrain_xlsr.py:smoke", ["--config.data.max_tokens=0", *overrides])
+        return fit_program(config, cpu_devices)
+
+    plain = dict(memory_remedies(program(), 16, 48000))
+    assert set(plain) == {"--config.model.overrides.remat_policy=full", "--config.model.overrides.conv_remat=True",
+                          "--config.train.accum_steps=2"}, plain
+    full = program("--config.model.overrides.remat_policy=full", "--config.model.overrides.conv_remat=True")
+    assert set(dict(memory_remedies(full, 16, 48000))) == {"--config.train.accum_steps=2"}
+    assert dict(memory_remedies(program(), 16, 48000, max_tokens=200000)) == {
+        **{k: v for k, v in plain.items() if "accum" not in k},
+        "--config.train.accum_steps=2 --config.data.max_tokens=100000": plain["--config.train.accum_steps=2"]}
+    assert "--config.train.accum_steps=2" not in str(memory_remedies(program(), 16, 48000, max_tokens=60000))
+    # Accumulating keeps a float32 gradient accumulator beside the micro-batch's gradients.
+    one, two = analytic_memory(program(), 16, 48000), analytic_memory(program(), 16, 48000, accum_steps=2)
+    assert two.gradients == 2 * one.gradients and two.activations == one.activations // 2
 

@@ -73,6 +73,7 @@ class FitReport:
     flops_per_step: float = 0.0
     peak_flops_per_chip: float | None = None
     estimate: MemoryEstimate | None = None
+    remedies: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (override, analytic bytes saved)
     lower_seconds: float = 0.0
     compile_seconds: float = 0.0
     error: str = ""  # the compiler's out-of-memory message, when it refused
@@ -99,6 +100,8 @@ class FitReport:
             "annotations": self.annotations, "tflops_per_step": round(self.flops_per_step / 1e12, 3),
             "lower_s": round(self.lower_seconds, 1), "compile_s": round(self.compile_seconds, 1),
         }  # fmt: skip
+        if not self.fits and self.remedies:
+            out["remedies_gib"] = {flag: round(b / gib, 3) for flag, b in self.remedies}
         if self.estimate is not None:
             out["estimate_gib"] = round(self.estimate.total / gib, 3)
             out["compiled_over_estimate"] = round(self.peak_bytes / max(self.estimate.total, 1), 3)
@@ -123,18 +126,24 @@ def fit_program(config: ml_collections.ConfigDict, devices: list) -> TrainProgra
     return build_program(config, mesh, task)
 
 
-def analytic_memory(program: TrainProgram, global_batch: int, num_samples: int) -> MemoryEstimate:
+def analytic_memory(program: TrainProgram, global_batch: int, num_samples: int,
+                    model_config: Wav2Vec2Config | None = None, accum_steps: int | None = None) -> MemoryEstimate:
     """Per-chip bytes from first principles (no compiler): state and gradients over their shards + activations.
+
+    `model_config` / `accum_steps` replace the program's in the activation count (what-if estimates: parameter
+    shapes must not change). Accumulating over micro-batches adds a float32 gradient accumulator.
 
     Activations per sequence of T frames and per layer, under the remat policy: `full` keeps the
     layer input (T*H); `dots` keeps every matmul output (q, k, v, attention output, out_proj, FFN in
     and out: 6*T*H + T*F in the compute dtype, and the float32 attention scores heads*T*T);
     `dots_no_batch` keeps the weight matmuls only (5*T*H + T*F); `none` also keeps the softmax's
-    intermediates (about 10 more bytes per attention score). The conv encoder is not rematerialized: each of its layers keeps its
-    output and GELU input in the compute dtype and the LayerNorm input in float32 ([T_i, 512] each).
+    intermediates (about 10 more bytes per attention score). Each conv encoder layer keeps its output and
+    GELU input in the compute dtype and the LayerNorm input in float32 ([T_i, 512] each); with `conv_remat`,
+    only its input and conv output.
     Sequences are split over data*fsdp, heads and FFN width over tensor.
     """
-    cfg: Wav2Vec2Config = program.model_config
+    cfg: Wav2Vec2Config = model_config or program.model_config
+    accum = accum_steps or program.accum_steps
     mesh = program.mesh
 
     def shard_bytes(abstract, shardings) -> int:
@@ -145,7 +154,7 @@ def analytic_memory(program: TrainProgram, global_batch: int, num_samples: int) 
     gradients = shard_bytes(program.abstract_state.params, program.state_shardings.params)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     tensor = mesh.shape["tensor"]
-    rows = global_batch / batch_shards / program.accum_steps  # sequences per chip per micro-batch
+    rows = global_batch / batch_shards / accum  # sequences per chip per micro-batch
     t = cfg.num_frames(num_samples)
     h, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     b = np.dtype(cfg.dtype).itemsize
@@ -162,7 +171,30 @@ def analytic_memory(program: TrainProgram, global_batch: int, num_samples: int) 
         length = (length - k) // s + 1
         conv += length * dim * (2 * b if cfg.conv_remat else 2 * b + 4)  # conv_remat: the input and conv output
     activations = rows * (cfg.num_hidden_layers * per_layer + conv + 4 * t * h * 4)
-    return MemoryEstimate(state=state, gradients=gradients, activations=int(activations))
+    return MemoryEstimate(state=state, gradients=gradients * (2 if accum > 1 else 1), activations=int(activations))
+
+
+def memory_remedies(program: TrainProgram, global_batch: int, num_samples: int,
+                    max_tokens: int = 0) -> list[tuple[str, int]]:
+    """Overrides that lower the per-chip peak without changing the update, each with its analytic saving in
+    bytes, largest first: rematerializing more (layers, conv encoder) and twice the micro-batches (with an
+    audio budget, `max_tokens` samples per batch shard and micro-batch, each micro-batch gets half of it)."""
+    cfg = program.model_config
+    base = analytic_memory(program, global_batch, num_samples).total
+    options = []
+    if cfg.remat_policy != "full":
+        options.append(("--config.model.overrides.remat_policy=full", dataclasses.replace(cfg, remat_policy="full"),
+                        program.accum_steps))
+    if not cfg.conv_remat:
+        options.append(("--config.model.overrides.conv_remat=True", dataclasses.replace(cfg, conv_remat=True),
+                        program.accum_steps))
+    accum = 2 * program.accum_steps
+    splits = global_batch % (accum * program.mesh.shape["data"] * program.mesh.shape["fsdp"]) == 0
+    if splits and (not max_tokens or max_tokens // 2 >= num_samples):  # a budget holds at least one crop
+        flag = f"--config.train.accum_steps={accum}"
+        options.append((f"{flag} --config.data.max_tokens={max_tokens // 2}" if max_tokens else flag, cfg, accum))
+    saved = [(flag, base - analytic_memory(program, global_batch, num_samples, c, a).total) for flag, c, a in options]
+    return sorted([(flag, b) for flag, b in saved if b > 0], key=lambda r: -r[1])
 
 
 def _oom_bytes(message: str) -> tuple[int, int] | None:
@@ -279,7 +311,9 @@ def fit(config: ml_collections.ConfigDict, topology: Topology | None = None, dev
     budget = pipeline_config(config, 1, mesh=program.mesh)
     if budget.samples_per_batch:  # data.max_tokens: the rows the budget gives a batch of this length
         batch = int(budget_batch_sizes(np.asarray([samples]), budget.samples_per_batch, budget.batch_multiple)[0])
-    return program, compile_once(program, batch, samples, hbm, target, dump_dir=dump_dir)
+    report = compile_once(program, batch, samples, hbm, target, dump_dir=dump_dir)
+    report.remedies = memory_remedies(program, batch, samples, max_tokens=config.data.get("max_tokens", 0))
+    return program, report
 
 
 def format_report(report: FitReport) -> list[str]:
@@ -303,6 +337,9 @@ def format_report(report: FitReport) -> list[str]:
         verdict = "FITS" if report.fits else "DOES NOT FIT"
         lines.append(f"{verdict}: peak {report.peak_bytes / gib:.2f} GiB of {report.hbm_bytes / gib:.2f} GiB HBM "
                      f"({'margin' if margin >= 0 else 'over by'} {abs(margin):.2f} GiB)")
+        if not report.fits and report.remedies:
+            lines.append("  less memory per chip, the same update (analytic savings; rerun fit with them): "
+                         + ", ".join(f"{flag} (-{b / gib:.2f} GiB)" for flag, b in report.remedies))
     if report.collectives is not None:
         rows = report.collectives.rows()
         text = ", ".join(f"{n} {op} ({b / gib:.3f} GiB)" for op, n, b in rows) or "none"
