@@ -115,23 +115,25 @@ class StepExecutables:
         self.loaded = 0
         self.compiled = 0
 
-    def __call__(self, state, batch):
-        key = _batch_key(batch)
+    def __call__(self, state, batch, *static):
+        """`static`: the jitted step's static arguments after (state, batch); each value is its own program."""
+        key = (_batch_key(batch), static)
         step = self._by_batch.get(key)
         if step is None:
-            step = self._by_batch[key] = self._executable(state, batch)
+            step = self._by_batch[key] = self._executable(state, batch, static)
         return step(state, batch)
 
-    def _path(self, state, batch) -> epath.Path | None:
+    def _path(self, state, batch, static: tuple) -> epath.Path | None:
         if self._directory is None:
             return None
-        digest = hashlib.sha256((self._fingerprint + _signature((state, batch))).encode()).hexdigest()[:40]
+        signature = _signature((state, batch)) + repr(static)
+        digest = hashlib.sha256((self._fingerprint + signature).encode()).hexdigest()[:40]
         return self._directory / f"train_step-{digest}.pkl"
 
-    def _executable(self, state, batch) -> Callable:
+    def _executable(self, state, batch, static: tuple) -> Callable:
         from jax.experimental import serialize_executable
 
-        path = self._path(state, batch)
+        path = self._path(state, batch, static)
         if path is not None and path.exists():
             start = time.perf_counter()
             try:
@@ -157,7 +159,7 @@ class StepExecutables:
             (state, batch))
         jax.monitoring.register_event_listener(on_event)
         try:
-            compiled = self._jitted.lower(*abstract).compile()
+            compiled = self._jitted.lower(*abstract, *static).compile()
         finally:
             jax.monitoring.unregister_event_listener(on_event)
         self.compiled += 1

@@ -369,7 +369,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
             flops_since_log += train_flops_per_step(model_config, program.num_params, rows,
                                                     host_batch["input_values"].shape[1])
             batch = to_global_batch({k: host_batch[k] for k in task.step_keys}, mesh, program.rules, task.batch_axes)
-            state, metrics = train_step(state, batch)
+            frozen = step < program.frozen_until  # the encoder-frozen program (fine-tuning's first phase)
+            state, metrics = train_step(state, batch, frozen)
             step += 1
             profiler.after(step, state)
             log_step = step % config.train.log_every == 0 or step == total

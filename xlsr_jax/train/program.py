@@ -40,9 +40,10 @@ class TrainProgram:
     batch_shardings: dict[str, jax.sharding.NamedSharding]
     num_params: int
     accum_steps: int
-    train_step: object  # jitted (state, batch) -> (state, metrics)
+    train_step: object  # jitted (state, batch, frozen=False) -> (state, metrics)
     eval_step: object  # jitted (params, batch) -> metrics
     predict_step: object | None  # jitted (params, batch) -> per-row outputs sharded like the batch (task.predict)
+    frozen_until: int = 0  # steps before this one run train_step(..., frozen=True): the encoder gets no gradient
 
     def abstract_state_with_shardings(self):
         """The state as ShapeDtypeStructs carrying their shardings (restore targets, AOT lowering)."""
@@ -105,7 +106,7 @@ def build_program(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, ta
         num_params=count_params(abstract.params), accum_steps=accum,
         train_step=jit_train_step(step, shardings, batch_shardings),
         eval_step=jax.jit(eval_step),  # eval batches may lack training-only keys (e.g. SpecAugment masks)
-        predict_step=predict_step,
+        predict_step=predict_step, frozen_until=frozen_until,
     )  # fmt: skip
 
 
