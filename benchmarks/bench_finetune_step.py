@@ -3,8 +3,9 @@
     python benchmarks/bench_finetune_step.py --preset base --batch 2 --seconds 5
 
 Builds the train step exactly as `train` does (`build_program` on the finetune_ctc experiment with
-`optim.freeze_encoder_steps`), then times steps while `state.step < freeze_encoder_steps` (no
-backward pass through the encoder: only the CTC head is differentiated) and after (full backward).
+`optim.freeze_encoder_steps`), compiles its two programs, then times steps while `state.step <
+freeze_encoder_steps` with the frozen one (no backward pass through the encoder: only the CTC head is
+differentiated) and after with the full one (full backward).
 Before the frozen phase skipped the encoder's backward, every frozen step cost what an unfrozen
 step costs, so the "unfrozen" column is also the old frozen-phase step time. Prints a table and a JSON line.
 """
@@ -66,12 +67,12 @@ def main() -> None:
                                   shardings=program.state_shardings)
     batch = _batch(program, args.batch, int(args.seconds * 16000), task.model_config.vocab_size)
     t0 = time.perf_counter()
-    compiled = program.train_step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - t0
+    compiled = {phase: program.train_step.lower(state, batch, phase).compile() for phase in (True, False)}
+    compile_s = time.perf_counter() - t0  # both programs: the frozen phase's and the full one
     times = {"frozen": [], "unfrozen": []}
     for i in range(2 * frozen):
         t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled[i < program.frozen_until](state, batch)
         jax.block_until_ready(metrics["loss"])
         phase = "frozen" if i < frozen else "unfrozen"
         if i not in (0, frozen):  # the first step of each phase warms up
