@@ -50,7 +50,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule: op
     gradient is taken with respect to every parameter except the top-level subtree `frozen_subtree` (e.g.
     "wav2vec2", the encoder), whose gradient is zero: that program holds no backward pass through it. The
     two phases are two programs, not one `lax.cond` between them: inside the conditional, the full phase
-    ran 2.2x slower on CPU (the CTC smoke step, 0.47 s against 0.21 s). The optimizer must leave those
+    ran 1.9-2.1x slower on CPU (BENCHMARKS.md, "Fine-tuning's two phases as two programs"). The optimizer must leave those
     parameters and their moments untouched meanwhile (`optim.make_optimizer` with `freeze_encoder_steps`).
     """
 
@@ -74,7 +74,6 @@ def make_train_step(model, optimizer: optax.GradientTransformation, schedule: op
         (loss_sum, (denom, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(rest)
         grads = {**grads, frozen_subtree: jax.tree_util.tree_map(jnp.zeros_like, frozen)}
         return loss_sum, denom, metrics, {k: grads[k] for k in params}
-
 
     tx = optax.with_extra_args_support(optimizer)  # the optimizer may read the step (a frozen phase's end)
 
