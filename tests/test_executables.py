@@ -3,14 +3,16 @@ without tracing, bit for bit as the uninterrupted run; a changed program compile
 replaced; the keys left out of the fingerprint really do not change the program."""
 
 import logging
+import threading
 
 import jax
 import jax.monitoring
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from xlsr_jax.experiment import load_experiment
-from xlsr_jax.train.executables import HOST_ONLY_TRAIN_KEYS, environment_fingerprint
+from xlsr_jax.train.executables import HOST_ONLY_TRAIN_KEYS, StepExecutables, environment_fingerprint
 from xlsr_jax.train.fit import fit_program
 from xlsr_jax.train.loop import train_and_evaluate
 from xlsr_jax.train.program import abstract_batch
@@ -47,7 +49,8 @@ def _params(result):
 @pytest.mark.slow
 def test_a_restart_runs_the_kept_step_untraced_and_equals_the_uninterrupted_run(tmp_path, data_dir, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
-    full = train_and_evaluate(_config(data_dir, **{"train.steps": 4}), tmp_path / "full")
+    # Compiled where it is needed (no background thread), against the runs below that compile ahead.
+    full = train_and_evaluate(_config(data_dir, **{"train.steps": 4, "train.compile_threads": 0}), tmp_path / "full")
     first = train_and_evaluate(_config(data_dir, **{"train.steps": 2}), tmp_path / "run")
     kept = sorted((tmp_path / "run" / "compile_cache" / "executables").iterdir())
     assert len(kept) == 1 and kept[0].name.startswith("train_step-") and first.step == 2
@@ -99,6 +102,7 @@ def test_the_keys_left_out_of_the_fingerprint_do_not_change_the_program(cpu_devi
                "train.keep_checkpoints": 1, "train.best_metric": "loss", "train.best_mode": "max",
                "train.max_nonfinite_streak": 3, "train.max_bad_records": 0, "train.async_checkpointing": False,
                "train.checkpoint_ocdbt": False, "train.compilation_cache_dir": "''", "train.keep_executables": False,
+               "train.compile_threads": 0,
                "train.profile_steps": 3, "train.profile_skip": 0, "train.eval_batches": 2}
     assert {k.split(".", 1)[1] for k in changed} == set(HOST_ONLY_TRAIN_KEYS)
 
@@ -124,3 +128,61 @@ def test_xla_flags_and_jax_settings_enter_the_fingerprint(data_dir, monkeypatch)
     assert environment_fingerprint(config) == base
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
     assert environment_fingerprint(config) != base
+
+
+def _compiling_threads():
+    """(list of (function, thread name) of each tracing, listener to register)."""
+    seen = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration":
+            seen.append((str(kwargs.get("fun_name", "")), threading.current_thread().name))
+
+    return seen, listener
+
+
+def _slow_to_compile(state, batch, scale):
+    for i in range(60):  # unrolled: long enough to trace and compile that the next program waits its turn
+        state = state * scale + jnp.sin(batch["x"] * (i + 1)).sum()
+    return state, batch["x"].sum()
+
+
+def test_prepared_programs_compile_on_a_background_thread_and_run_as_jit_does(tmp_path):
+    jitted = jax.jit(_slow_to_compile, static_argnums=2)
+    state, batch = jnp.ones(3), {"x": jnp.arange(4.0)}
+    seen, listener = _compiling_threads()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    executables = StepExecutables(jitted, tmp_path, "fingerprint", background_threads=1)
+    try:
+        abstract = jax.ShapeDtypeStruct(state.shape, state.dtype, sharding=state.sharding)
+        executables.prepare(abstract, batch, 0.5)  # abstract state: what the loop has before the restore
+        executables.prepare(abstract, batch, 0.25)  # queued behind the first: this thread takes it over
+        out = executables(state, batch, 0.25)
+        np.testing.assert_array_equal(out[0], jitted(state, batch, 0.25)[0])
+        out = executables(state, batch, 0.5)
+        np.testing.assert_array_equal(out[0], jitted(state, batch, 0.5)[0])
+        executables.close()
+        executables.prepare(abstract, {"x": batch["x"][:3]}, 0.5)  # closed: nothing starts
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    ours = [thread for name, thread in seen if "_slow_to_compile" in name]
+    # the program prepared first traced on the background thread, the one taken over on this thread (jit's calls
+    # above reuse those tracings); the [:3] batch was never traced
+    assert sorted(ours) == ["MainThread", "compile_0"], seen
+    assert executables.compiled == 2 and len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_program_prepared_under_thread_local_settings_is_compiled_by_the_caller():
+    jitted = jax.jit(_slow_to_compile, static_argnums=2)
+    state, batch = jnp.ones(3), {"x": jnp.arange(4.0)}
+    seen, listener = _compiling_threads()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    executables = StepExecutables(jitted, None, "", background_threads=1)
+    try:
+        with jax.default_matmul_precision("bfloat16"):  # thread-local: the background thread would not see it
+            executables.prepare(state, batch, 0.5)
+            executables(state, batch, 0.5)
+    finally:
+        executables.close()
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert [thread for name, thread in seen if "_slow_to_compile" in name] == ["MainThread"], seen

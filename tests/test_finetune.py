@@ -11,6 +11,7 @@ fine-tuned model itself.
 
 import json
 import shutil
+import threading
 
 import jax
 import numpy as np
@@ -69,7 +70,20 @@ def test_ctc_finetune_evaluate_export_and_pipeline(pretrained, tmp_path, capsys)
         "--config.train.eval_every=15", "--config.train.checkpoint_every=15", "--config.optim.total_steps=30",
         "--config.optim.freeze_encoder_steps=4", "--config.optim.peak_lr=5e-3",
         "--config.optim.phase_ratio=(0.1,0.6,0.3)", *FAST])
-    result = train_and_evaluate(config, root / "ctc")
+    traced = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration" and "train_step" in str(kwargs.get("fun_name", "")):
+            traced.append(threading.current_thread().name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        result = train_and_evaluate(config, root / "ctc")
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    # Both phases' programs were traced and compiled on the loop's background thread: the frozen one while the
+    # state initialized, the full one during the frozen steps (the run did not stop at step 5 to compile it).
+    assert traced == ["compile_0", "compile_0"], traced
     losses = [h["loss"] for h in result.history]
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses  # from ~10 to the unigram level
     final = result.eval_history[-1]

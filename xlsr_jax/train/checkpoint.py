@@ -161,6 +161,11 @@ class Checkpointer:
         log.info("restored step %d from %s", step, self.directory)
         return step, restored["state"]
 
+    def restore_data(self, data_iterator, step: int) -> None:
+        """Set `data_iterator` to its position saved at `step`, without reading the train state: the loop
+        reads the first batch (and starts compiling its step) before the state is restored."""
+        self._manager.restore(step, args=ocp.args.Composite(data=_data_args(data_iterator, save=False)))
+
     def _check_params(self, step: int, abstract_state) -> None:
         """For a train state (a `.params` field): a config that builds other parameters than the checkpoint
         holds (another model size, head or vocabulary) is a CheckpointMismatchError, found from the

@@ -18,10 +18,16 @@ in this process (not one JAX's persistent cache loaded: jaxlib 0.10.2 serializes
 their kernels). One that fails to load (another jaxlib, a torn file) is logged, removed and compiled
 again. Single-process runs only: the processes of a multi-process job would have to agree on hit or miss
 before the first collective.
+
+Programs can also be got ahead, on background threads (`StepExecutables.prepare`, every process alike):
+compiling is host work, so it can overlap the state's restore or init and the device's steps. A program is
+traced on the background thread only under the JAX settings the caller's thread has; one asked for under
+a thread-local context (e.g. `with jax.default_matmul_precision(...)`) is traced on the caller's thread.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import importlib.metadata
 import json
@@ -29,6 +35,7 @@ import logging
 import os
 import pathlib
 import pickle
+import threading
 import time
 from collections.abc import Callable
 
@@ -41,7 +48,7 @@ _PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "ml-collections")
 HOST_ONLY_TRAIN_KEYS = (
     "steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "best_metric", "best_mode",
     "max_nonfinite_streak", "max_bad_records", "async_checkpointing", "checkpoint_ocdbt",
-    "compilation_cache_dir", "keep_executables", "profile_steps", "profile_skip", "eval_batches",
+    "compilation_cache_dir", "keep_executables", "compile_threads", "profile_steps", "profile_skip", "eval_batches",
 )  # fmt: skip
 _SOURCE_ROOTS = ("xlsr_jax", "data_pipelines")
 
@@ -96,32 +103,96 @@ def _signature(args) -> str:
         f"|{getattr(x, 'shape', None)}{getattr(x, 'dtype', None)}{getattr(x, 'sharding', None)}" for x in leaves)
 
 
+def _jax_settings() -> str:
+    """JAX's config as this thread sees it (thread-local contexts included): what tracing reads."""
+    return repr(sorted(jax.config.values.items()))
+
+
+def _abstract(args):
+    """ShapeDtypeStructs of `args` (arrays or ShapeDtypeStructs): what the signature holds, nothing else."""
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=getattr(x, "weak_type", False)),
+        args)
+
+
 def _batch_key(batch) -> tuple:
     return tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
 
 
 class StepExecutables:
-    """Runs a jitted `(state, batch)` step through executables compiled once, kept in `directory`.
+    """Runs a jitted `(state, batch, *static)` step through executables compiled once, kept in `directory`.
 
     `directory` None keeps nothing between runs (each batch shape is still compiled once, as jit does).
-    Counts what it did in `loaded` and `compiled`.
+    `prepare` starts getting a program (loading or compiling it) on one of `background_threads` threads,
+    so that its compile overlaps what the caller does meanwhile: initializing or restoring the state, or
+    running the steps of another program. A call that needs a program not started yet gets it on the
+    caller's thread; one being compiled is waited for. Counts what it did in `loaded` and `compiled`.
     """
 
-    def __init__(self, jitted: Callable, directory: str | epath.Path | None, fingerprint: str):
+    def __init__(self, jitted: Callable, directory: str | epath.Path | None, fingerprint: str,
+                 background_threads: int = 1):
         self._jitted = jitted
         self._directory = epath.Path(directory) if directory else None
         self._fingerprint = fingerprint
-        self._by_batch: dict[tuple, Callable] = {}
+        self._ready: dict[tuple, Callable] = {}
+        self._programs: dict[tuple, concurrent.futures.Future | None] = {}
+        self._lock = threading.Lock()
+        self._pool = (concurrent.futures.ThreadPoolExecutor(background_threads, thread_name_prefix="compile")
+                      if background_threads else None)
         self.loaded = 0
         self.compiled = 0
+
+    def prepare(self, state, batch, *static) -> None:
+        """Start getting the program for these arguments (arrays or ShapeDtypeStructs) in the background;
+        nothing if it is known already or there are no background threads."""
+        key = (_batch_key(batch), static)
+        with self._lock:
+            if self._pool is None or key in self._programs:
+                return
+            self._programs[key] = self._pool.submit(self._background, _abstract((state, batch)), static,
+                                                    _jax_settings())
 
     def __call__(self, state, batch, *static):
         """`static`: the jitted step's static arguments after (state, batch); each value is its own program."""
         key = (_batch_key(batch), static)
-        step = self._by_batch.get(key)
+        step = self._ready.get(key)
         if step is None:
-            step = self._by_batch[key] = self._executable(state, batch, static)
+            step = self._ready[key] = self._program(key, state, batch, static)
         return step(state, batch)
+
+    def close(self) -> None:
+        """Drop the programs not started; one being compiled still finishes (the interpreter waits for it)."""
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+
+    def _program(self, key: tuple, state, batch, static: tuple) -> Callable:
+        with self._lock:
+            future = self._programs.get(key)
+            if future is not None and future.cancel():  # not started yet: get it on this thread, now
+                future = None
+            self._programs[key] = future  # None: got on the caller's thread
+        if future is not None:
+            if not future.done():
+                start = time.perf_counter()
+                concurrent.futures.wait([future])
+                log.info("waited %.1f s for the train step being compiled in the background",
+                         time.perf_counter() - start)
+            if future.result() is not None:
+                return future.result()
+        return self._executable(_abstract((state, batch)), static)
+
+    def _background(self, abstract, static: tuple, settings: str) -> Callable | None:
+        """The program, or None where the caller traces under other JAX settings than this thread has."""
+        if _jax_settings() != settings:  # a thread-local context (e.g. jax.default_matmul_precision) in the caller
+            log.info("the caller's thread has its own JAX settings: its train step is compiled there, when needed")
+            return None
+        try:
+            return self._executable(abstract, static)
+        except Exception as e:  # raised again to the step that needs the program; logged for one that never does
+            log.warning("compiling a train step in the background failed (%s: %s)", type(e).__name__, str(e)[:200])
+            raise
 
     def _path(self, state, batch, static: tuple) -> epath.Path | None:
         if self._directory is None:
@@ -130,10 +201,11 @@ class StepExecutables:
         digest = hashlib.sha256((self._fingerprint + signature).encode()).hexdigest()[:40]
         return self._directory / f"train_step-{digest}.pkl"
 
-    def _executable(self, state, batch, static: tuple) -> Callable:
+    def _executable(self, abstract: tuple, static: tuple) -> Callable:
+        """Load the program for `abstract` (state, batch) and `static`, or compile it (and keep it)."""
         from jax.experimental import serialize_executable
 
-        path = self._path(state, batch, static)
+        path = self._path(*abstract, static)
         if path is not None and path.exists():
             start = time.perf_counter()
             try:
@@ -147,16 +219,12 @@ class StepExecutables:
                 self.loaded += 1
                 log.info("loaded the compiled train step from %s in %.2f s", path, time.perf_counter() - start)
                 return step
-        cache_hits = []
+        cache_hits, thread = [], threading.get_ident()
 
-        def on_event(event, **kwargs):
-            if event == "/jax/compilation_cache/cache_hits":
+        def on_event(event, **kwargs):  # JAX records the event on the compiling thread; others compile too
+            if event == "/jax/compilation_cache/cache_hits" and threading.get_ident() == thread:
                 cache_hits.append(event)
 
-        # Lowered from what the signature above holds (shapes, dtypes, shardings), nothing else of the arrays.
-        abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type),
-            (state, batch))
         jax.monitoring.register_event_listener(on_event)
         try:
             compiled = self._jitted.lower(*abstract, *static).compile()

@@ -7,6 +7,7 @@ the job with the last good checkpoint intact.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -289,13 +290,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     """Train (or resume) the run described by `config` in `workdir` (a local path or e.g. gs://bucket/run)."""
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    with _CompilationCache(workdir, config.train) as cache:
+    with _CompilationCache(workdir, config.train) as cache, contextlib.ExitStack() as cleanup:
         keep = cache.directory and config.train.get("keep_executables", True) and jax.process_count() == 1
-        return _train_and_evaluate(config, workdir, epath.Path(cache.directory) / "executables" if keep else None)
+        return _train_and_evaluate(config, workdir, epath.Path(cache.directory) / "executables" if keep else None,
+                                   cleanup)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
-                        executables_dir: epath.Path | None = None) -> RunResult:
+                        executables_dir: epath.Path | None, cleanup: contextlib.ExitStack) -> RunResult:
     model_config = model_config_from(config, workdir)
     if config.model.get("init_from") and jax.process_index() == 0 and not (workdir / INIT_CONFIG).is_file():
         (workdir / INIT_CONFIG).write_text((epath.Path(config.model.init_from) / "config.json").read_text())
@@ -327,19 +329,31 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
                                 best_metric=best or None, best_mode=best_mode,
                                 async_save=config.train.get("async_checkpointing", True),
                                 use_ocdbt=config.train.get("checkpoint_ocdbt", True))
-    if checkpointer.latest_step() is not None:
-        step, state = checkpointer.restore(program.abstract_state_with_shardings(), train_iter)
+    resume_step, total = checkpointer.latest_step(), config.train.steps
+    if resume_step is not None:
+        checkpointer.restore_data(train_iter, resume_step)
+    # Closed by the caller however the run ends: a compile not started yet is dropped.
+    train_step = cleanup.enter_context(contextlib.closing(StepExecutables(
+        program.train_step, executables_dir, environment_fingerprint(config) if executables_dir else "",
+        background_threads=int(config.train.get("compile_threads", 1)))))
+    # The first batch is read, and its step's program started on a background thread, before the state is
+    # initialized or restored: the compile (minutes for 1B/2B on a pod) overlaps the restore (or the init).
+    abstract_state, step, first_batch = program.abstract_state_with_shardings(), resume_step or 0, None
+    if step < total:
+        first_batch = next(train_iter)
+        first_global = to_global_batch({k: first_batch[k] for k in task.step_keys}, mesh, program.rules,
+                                       task.batch_axes)
+        train_step.prepare(abstract_state, first_global, step < program.frozen_until)
+        _prepare_unfreeze(train_step, program, abstract_state, first_global, step, total)
+    if resume_step is not None:
+        step, state = checkpointer.restore(abstract_state, step=resume_step)
         print(f"resumed from step {step} in {checkpointer.directory}", flush=True)
     else:
         state, _ = create_train_state(program.model, program.optimizer, mesh, program.rules, seed=config.train.seed,
                                       shardings=program.state_shardings)
         if config.model.get("init_from"):
             state = init_encoder_from(state, program.state_shardings, config.model.init_from, mesh, program.rules)
-        step = 0
 
-    train_step = StepExecutables(program.train_step, executables_dir,
-                                 environment_fingerprint(config) if executables_dir else "")
-    total = config.train.steps
     writer = MetricsWriter(workdir, total, enabled=jax.process_index() == 0)
     peak = device_peak_flops()
     history, eval_history = [], []
@@ -352,7 +366,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     with _Preemption() as preemption:
         while step < total:
             profiler.before(step)
-            host_batch = next(train_iter)
+            host_batch = first_batch if first_batch is not None else next(train_iter)
             if host_batch.get("bad_records", 0):
                 bad_records += int(host_batch["bad_records"])
                 if bad_records > max_bad:
@@ -368,8 +382,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
             rows = host_batch["input_values"].shape[0] * jax.process_count()  # varies with data.max_tokens
             flops_since_log += train_flops_per_step(model_config, program.num_params, rows,
                                                     host_batch["input_values"].shape[1])
-            batch = to_global_batch({k: host_batch[k] for k in task.step_keys}, mesh, program.rules, task.batch_axes)
+            if first_batch is not None:
+                batch, first_batch, first_global = first_global, None, None
+            else:
+                batch = to_global_batch({k: host_batch[k] for k in task.step_keys}, mesh, program.rules,
+                                        task.batch_axes)
             frozen = step < program.frozen_until  # the encoder-frozen program (fine-tuning's first phase)
+            _prepare_unfreeze(train_step, program, state, batch, step, total)
             state, metrics = train_step(state, batch, frozen)
             step += 1
             profiler.after(step, state)
@@ -416,6 +435,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     checkpointer.close()
     writer.close()
     return RunResult(step=step, preempted=preempted, history=history, eval_history=eval_history, state=state)
+
+
+def _prepare_unfreeze(executables: StepExecutables, program, state, batch, step: int, total: int) -> None:
+    """During fine-tuning's frozen phase of a run that reaches the unfreeze step, start compiling the full
+    phase's program for this batch shape in the background (nothing once it is known)."""
+    if step < program.frozen_until < total:
+        executables.prepare(state, batch, False)
 
 
 def init_encoder_from(state, shardings, model_dir: str, mesh: jax.sharding.Mesh, rules: Rules):
