@@ -2,6 +2,7 @@
 without tracing, bit for bit as the uninterrupted run; a changed program compiles again; a bad entry is
 replaced; the keys left out of the fingerprint really do not change the program."""
 
+import contextlib
 import logging
 import threading
 
@@ -130,15 +131,20 @@ def test_xla_flags_and_jax_settings_enter_the_fingerprint(data_dir, monkeypatch)
     assert environment_fingerprint(config) != base
 
 
-def _compiling_threads():
-    """(list of (function, thread name) of each tracing, listener to register)."""
-    seen = []
+@contextlib.contextmanager
+def _tracing_threads(function: str):
+    """Yields a list that collects the thread name of each tracing of `function` while the context is open."""
+    threads = []
 
     def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/jaxpr_trace_duration":
-            seen.append((str(kwargs.get("fun_name", "")), threading.current_thread().name))
+        if event == "/jax/core/compile/jaxpr_trace_duration" and function in str(kwargs.get("fun_name", "")):
+            threads.append(threading.current_thread().name)
 
-    return seen, listener
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield threads
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _slow_to_compile(state, batch, scale):
@@ -150,10 +156,8 @@ def _slow_to_compile(state, batch, scale):
 def test_prepared_programs_compile_on_a_background_thread_and_run_as_jit_does(tmp_path):
     jitted = jax.jit(_slow_to_compile, static_argnums=2)
     state, batch = jnp.ones(3), {"x": jnp.arange(4.0)}
-    seen, listener = _compiling_threads()
-    jax.monitoring.register_event_duration_secs_listener(listener)
     executables = StepExecutables(jitted, tmp_path, "fingerprint", background_threads=1)
-    try:
+    with _tracing_threads("_slow_to_compile") as threads:
         abstract = jax.ShapeDtypeStruct(state.shape, state.dtype, sharding=state.sharding)
         executables.prepare(abstract, batch, 0.5)  # abstract state: what the loop has before the restore
         executables.prepare(abstract, batch, 0.25)  # queued behind the first: this thread takes it over
@@ -163,26 +167,18 @@ def test_prepared_programs_compile_on_a_background_thread_and_run_as_jit_does(tm
         np.testing.assert_array_equal(out[0], jitted(state, batch, 0.5)[0])
         executables.close()
         executables.prepare(abstract, {"x": batch["x"][:3]}, 0.5)  # closed: nothing starts
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    ours = [thread for name, thread in seen if "_slow_to_compile" in name]
     # the program prepared first traced on the background thread, the one taken over on this thread (jit's calls
     # above reuse those tracings); the [:3] batch was never traced
-    assert sorted(ours) == ["MainThread", "compile_0"], seen
+    assert sorted(threads) == ["MainThread", "compile_0"]
     assert executables.compiled == 2 and len(list(tmp_path.iterdir())) == 2
 
 
 def test_a_program_prepared_under_thread_local_settings_is_compiled_by_the_caller():
     jitted = jax.jit(_slow_to_compile, static_argnums=2)
     state, batch = jnp.ones(3), {"x": jnp.arange(4.0)}
-    seen, listener = _compiling_threads()
-    jax.monitoring.register_event_duration_secs_listener(listener)
     executables = StepExecutables(jitted, None, "", background_threads=1)
-    try:
+    with _tracing_threads("_slow_to_compile") as threads, contextlib.closing(executables):
         with jax.default_matmul_precision("bfloat16"):  # thread-local: the background thread would not see it
             executables.prepare(state, batch, 0.5)
             executables(state, batch, 0.5)
-    finally:
-        executables.close()
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert [thread for name, thread in seen if "_slow_to_compile" in name] == ["MainThread"], seen
+    assert threads == ["MainThread"]
