@@ -234,8 +234,16 @@ def usable_records(source: AudioSource, config: PipelineConfig, crop: bool) -> n
     return np.flatnonzero(keep)
 
 
-def make_plan(source: AudioSource, config: PipelineConfig, crop: bool, shard_count: int) -> BatchPlan:
-    """The global batch plan every host shares (same arguments -> same plan on every host)."""
+@dataclasses.dataclass(frozen=True)
+class _Bucketing:
+    kept: np.ndarray  # the usable records
+    effective: np.ndarray  # samples of every record after cropping
+    buckets: np.ndarray  # padded length of each bucket
+    kept_ids: np.ndarray  # the bucket of each kept record
+    batch_sizes: np.ndarray | None  # global rows per bucket (audio-budget batches), or None
+
+
+def _bucketing(source: AudioSource, config: PipelineConfig, crop: bool, shard_count: int) -> _Bucketing:
     config.validate()
     kept = usable_records(source, config, crop)
     if len(kept) == 0:
@@ -251,6 +259,25 @@ def make_plan(source: AudioSource, config: PipelineConfig, crop: bool, shard_cou
     else:
         buckets = bucket_lengths(effective[kept], config.num_buckets, config.pad_multiple)
     kept_ids = assign_buckets(effective[kept], buckets, crop=config.crop_to_bucket)
+    batch_sizes = None
+    if config.samples_per_batch:
+        multiple = math.lcm(config.batch_multiple, shard_count)
+        batch_sizes = budget_batch_sizes(buckets, config.samples_per_batch, multiple)
+    return _Bucketing(kept, effective, buckets, kept_ids, batch_sizes)
+
+
+def batch_shapes(source: AudioSource, config: PipelineConfig, crop: bool, shard_count: int) -> list[tuple[int, int]]:
+    """(global rows, padded samples) of each length bucket: every batch shape `make_dataset` can produce
+    with these arguments (a bucket of no records of its own can still take a shorter bucket's leftovers)."""
+    b = _bucketing(source, config, crop, shard_count)
+    rows = b.batch_sizes if b.batch_sizes is not None else [config.batch_size * shard_count] * len(b.buckets)
+    return [(int(r), int(n)) for r, n in zip(rows, b.buckets)]
+
+
+def make_plan(source: AudioSource, config: PipelineConfig, crop: bool, shard_count: int) -> BatchPlan:
+    """The global batch plan every host shares (same arguments -> same plan on every host)."""
+    b = _bucketing(source, config, crop, shard_count)
+    kept, effective, buckets, kept_ids, batch_sizes = b.kept, b.effective, b.buckets, b.kept_ids, b.batch_sizes
     if config.language_alpha is None:
         stream = sampling.shuffled_stream(kept, config.seed, config.num_epochs)
         bucket_probs = np.bincount(kept_ids, minlength=len(buckets)) / len(kept)
@@ -265,10 +292,7 @@ def make_plan(source: AudioSource, config: PipelineConfig, crop: bool, shard_cou
         for lang in np.flatnonzero(weights):
             ids = kept_ids[languages == lang]
             bucket_probs += weights[lang] * np.bincount(ids, minlength=len(buckets)) / len(ids)
-    batch_sizes = None
-    if config.samples_per_batch:
-        multiple = math.lcm(config.batch_multiple, shard_count)
-        batch_sizes = budget_batch_sizes(buckets, config.samples_per_batch, multiple)
+    if batch_sizes is not None:
         log.info("audio-budget batches: bucket lengths %s samples -> %s global rows (budget %d samples, %.0f s)",
                  buckets.tolist(), batch_sizes.tolist(), config.samples_per_batch, config.samples_per_batch / 16000)
     return BatchPlan(

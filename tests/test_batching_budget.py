@@ -9,7 +9,7 @@ import pytest
 
 from data_pipelines import synthetic
 from data_pipelines.batching import budget_batch_sizes
-from data_pipelines.pipeline import PipelineConfig, make_plan, prepared_dataset
+from data_pipelines.pipeline import PipelineConfig, batch_shapes, make_plan, prepared_dataset
 from xlsr_jax.config import Wav2Vec2Config
 from xlsr_jax.tasks.pretraining import PretrainTargets
 
@@ -42,11 +42,21 @@ def test_budget_batches_hold_the_audio_per_update_in_a_band(alpha, sampling):
         assert budget - multiple * padded < rows * padded <= budget
         positions.append(pos)
     assert len(shapes) == len(plan.buckets)  # one program per bucket
+    assert shapes == set(batch_shapes(_source(), config, crop=True, shard_count=hosts))  # what the loop compiles
     seen = np.concatenate(positions)
     distinct = np.unique(seen)
     # Nearly every record of the three windows is trained on, and nearly nothing twice.
     assert len(distinct) >= 0.98 * 3 * plan.window_records
     assert len(seen) - len(distinct) <= 0.02 * len(seen)
+
+
+@pytest.mark.parametrize("crop_to_bucket", [False, True])
+def test_batch_shapes_are_the_fixed_batches_shapes(crop_to_bucket):
+    config = PipelineConfig(batch_size=4, num_buckets=3, crop_to_bucket=crop_to_bucket, window_batches=64)
+    plan = make_plan(_source(2_000), config, crop=True, shard_count=2)
+    seen = {(len(plan.batch(i)[1]), plan.batch(i)[2]) for i in range(2 * plan.window_batches)}
+    assert seen == set(batch_shapes(_source(2_000), config, crop=True, shard_count=2))
+    assert {rows for rows, _ in seen} == {8} and len(seen) == 3
 
 
 def test_budget_rejects_a_budget_below_one_row_multiple():

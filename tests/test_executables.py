@@ -43,6 +43,22 @@ def _traced_train_steps():
     return traced, listener
 
 
+@contextlib.contextmanager
+def _tracing_threads(function: str):
+    """Yields a list that collects the thread name of each tracing of `function` while the context is open."""
+    threads = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/jaxpr_trace_duration" and function in str(kwargs.get("fun_name", "")):
+            threads.append(threading.current_thread().name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        yield threads
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def _params(result):
     return jax.tree_util.tree_leaves(jax.device_get(result.state.params))
 
@@ -91,6 +107,23 @@ def test_an_unreadable_entry_is_replaced_and_the_run_goes_on(tmp_path, data_dir,
     assert entry.stat().st_size > 100_000  # written again, whole
 
 
+@pytest.mark.slow
+def test_the_loop_compiles_every_bucket_ahead_and_trains_as_without(tmp_path, data_dir):
+    """Two length buckets: both programs compile on the background thread (the first batch's while the state
+    initializes), none on the loop's, and the run equals one that compiles each program when it is needed."""
+    runs = {}
+    for threads in (0, 1):
+        config = _config(data_dir, **{"data.num_buckets": 2, "train.steps": 4, "train.compile_threads": threads,
+                                      "train.keep_executables": False})
+        with _tracing_threads("train_step") as traced:
+            runs[threads] = train_and_evaluate(config, tmp_path / str(threads))
+        assert len(traced) == 2, traced  # the 4 steps see both buckets
+        assert all(name.startswith("compile_" if threads else "MainThread") for name in traced), traced
+    assert [h["loss"] for h in runs[1].history] == [h["loss"] for h in runs[0].history]
+    for a, b in zip(_params(runs[1]), _params(runs[0])):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_keep_executables_false_keeps_nothing(tmp_path, data_dir):
     train_and_evaluate(_config(data_dir, **{"train.steps": 1, "train.keep_executables": False}), tmp_path)
     assert not (tmp_path / "compile_cache" / "executables").exists()
@@ -129,22 +162,6 @@ def test_xla_flags_and_jax_settings_enter_the_fingerprint(data_dir, monkeypatch)
     assert environment_fingerprint(config) == base
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=true")
     assert environment_fingerprint(config) != base
-
-
-@contextlib.contextmanager
-def _tracing_threads(function: str):
-    """Yields a list that collects the thread name of each tracing of `function` while the context is open."""
-    threads = []
-
-    def listener(event, duration, **kwargs):
-        if event == "/jax/core/compile/jaxpr_trace_duration" and function in str(kwargs.get("fun_name", "")):
-            threads.append(threading.current_thread().name)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        yield threads
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
 
 
 def _slow_to_compile(state, batch, scale):

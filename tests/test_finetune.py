@@ -83,7 +83,7 @@ def test_ctc_finetune_evaluate_export_and_pipeline(pretrained, tmp_path, capsys)
         jax.monitoring.unregister_event_duration_listener(listener)
     # Both phases' programs were traced and compiled on the loop's background thread: the frozen one while the
     # state initialized, the full one during the frozen steps (the run did not stop at step 5 to compile it).
-    assert traced == ["compile_0", "compile_0"], traced
+    assert len(traced) == 2 and all(name.startswith("compile_") for name in traced), traced
     losses = [h["loss"] for h in result.history]
     assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses  # from ~10 to the unigram level
     final = result.eval_history[-1]

@@ -111,12 +111,14 @@ def _jax_settings() -> str:
 def _abstract(args):
     """ShapeDtypeStructs of `args` (arrays or ShapeDtypeStructs): what the signature holds, nothing else."""
     return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=getattr(x, "weak_type", False)),
+        lambda x: jax.ShapeDtypeStruct(x.shape, jax.dtypes.canonicalize_dtype(x.dtype), sharding=x.sharding,
+                                       weak_type=getattr(x, "weak_type", False)),
         args)
 
 
 def _batch_key(batch) -> tuple:
-    return tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+    """The same for a batch of arrays and its ShapeDtypeStructs (whose dtypes jax has not canonicalized)."""
+    return tuple((k, tuple(v.shape), str(jax.dtypes.canonicalize_dtype(v.dtype))) for k, v in sorted(batch.items()))
 
 
 class StepExecutables:

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
 import pathlib
 import signal
 import time
@@ -22,8 +23,9 @@ import numpy as np
 from etils import epath
 
 from data_pipelines.errors import UserError
-from data_pipelines.pipeline import PipelineConfig, prepared_dataset
+from data_pipelines.pipeline import PipelineConfig, batch_shapes, prepared_dataset
 from data_pipelines.records import DatasetIndex
+from data_pipelines.sources import PreparedSource
 from xlsr_jax.parallel.global_batch import to_global_batch
 from xlsr_jax.config import ConfigError, get_preset
 from xlsr_jax.models.heads import abstract_params
@@ -33,7 +35,7 @@ from xlsr_jax.parallel.rules import Rules, param_shardings
 from xlsr_jax.train.checkpoint import Checkpointer, is_local
 from xlsr_jax.train.executables import StepExecutables, environment_fingerprint
 from xlsr_jax.train.metrics import MetricsWriter, device_peak_flops, train_flops_per_step
-from xlsr_jax.train.program import build_program
+from xlsr_jax.train.program import abstract_batch, build_program
 from xlsr_jax.train.state import create_train_state
 from xlsr_jax.tasks import make_task
 from xlsr_jax.train.evaluation import evaluate_split
@@ -335,7 +337,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     # Closed by the caller however the run ends: a compile not started yet is dropped.
     train_step = cleanup.enter_context(contextlib.closing(StepExecutables(
         program.train_step, executables_dir, environment_fingerprint(config) if executables_dir else "",
-        background_threads=int(config.train.get("compile_threads", 1)))))
+        background_threads=compile_threads(config.train))))
     # The first batch is read, and its step's program started on a background thread, before the state is
     # initialized or restored: the compile (minutes for 1B/2B on a pod) overlaps the restore (or the init).
     abstract_state, step, first_batch = program.abstract_state_with_shardings(), resume_step or 0, None
@@ -343,8 +345,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
         first_batch = next(train_iter)
         first_global = to_global_batch({k: first_batch[k] for k in task.step_keys}, mesh, program.rules,
                                        task.batch_axes)
-        train_step.prepare(abstract_state, first_global, step < program.frozen_until)
-        _prepare_unfreeze(train_step, program, abstract_state, first_global, step, total)
+        # Then every other length bucket's program (a new bucket would otherwise stop the run to compile).
+        shapes = batch_shapes(PreparedSource(data_dir, config.data.train_split), train_pipeline,
+                              task.train_targets.crop, jax.process_count())
+        batches = [first_global, *(abstract_batch(program, rows, samples) for rows, samples in shapes)]
+        for batch in batches:
+            train_step.prepare(abstract_state, batch, step < program.frozen_until)
+        for batch in batches:
+            _prepare_unfreeze(train_step, program, abstract_state, batch, step, total)
     if resume_step is not None:
         step, state = checkpointer.restore(abstract_state, step=resume_step)
         print(f"resumed from step {step} in {checkpointer.directory}", flush=True)
@@ -435,6 +443,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     checkpointer.close()
     writer.close()
     return RunResult(step=step, preempted=preempted, history=history, eval_history=eval_history, state=state)
+
+
+def compile_threads(train_config) -> int:
+    """`train.compile_threads`, with -1 resolved from this host's CPUs."""
+    threads = int(train_config.get("compile_threads", -1))
+    return min(4, max(1, (os.cpu_count() or 1) // 8)) if threads < 0 else threads
 
 
 def _prepare_unfreeze(executables: StepExecutables, program, state, batch, step: int, total: int) -> None:
