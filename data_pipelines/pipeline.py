@@ -266,9 +266,15 @@ def _bucketing(source: AudioSource, config: PipelineConfig, crop: bool, shard_co
     return _Bucketing(kept, effective, buckets, kept_ids, batch_sizes)
 
 
-def batch_shapes(source: AudioSource, config: PipelineConfig, crop: bool, shard_count: int) -> list[tuple[int, int]]:
+def batch_shapes(source: AudioSource, config: PipelineConfig, crop: bool, shard_count: int,
+                 max_batches: int = 0) -> list[tuple[int, int]]:
     """(global rows, padded samples) of each length bucket: every batch shape `make_dataset` can produce
-    with these arguments (a bucket of no records of its own can still take a shorter bucket's leftovers)."""
+    with these arguments (a bucket of no records of its own can still take a shorter bucket's leftovers);
+    with `max_batches` > 0, those of its first `max_batches` batches, in the order they first come."""
+    if max_batches:
+        plan = make_plan(source, config, crop, shard_count)
+        count = min(max_batches, plan.num_batches)
+        return list(dict.fromkeys((len(recs), padded) for _, recs, padded in map(plan.batch, range(count))))
     b = _bucketing(source, config, crop, shard_count)
     rows = b.batch_sizes if b.batch_sizes is not None else [config.batch_size * shard_count] * len(b.buckets)
     return [(int(r), int(n)) for r, n in zip(rows, b.buckets)]
@@ -367,6 +373,24 @@ class _MarkValid:
         return {**batch, "valid": self.plan.valid(int(index))[self.rows]}
 
 
+def _eval_plan(source: AudioSource, config: PipelineConfig, shard_count: int) -> EvalPlan:
+    lengths = np.asarray(source.lengths, np.int64)
+    if len(lengths) == 0:
+        raise UserError("the evaluation split has no records")
+    buckets = bucket_lengths(lengths, config.num_buckets, config.pad_multiple)
+    return EvalPlan(lengths, buckets, config.batch_size * shard_count)
+
+
+def eval_batch_shapes(source: AudioSource, config: PipelineConfig, shard_count: int,
+                      max_batches: int = 0) -> list[tuple[int, int]]:
+    """(global rows, padded samples) of the batches `eval_dataset` gives (of its first `max_batches` when > 0),
+    in the order they first come."""
+    plan = _eval_plan(source, config, shard_count)
+    count = min(max_batches, plan.num_batches) if max_batches else plan.num_batches
+    shapes = dict.fromkeys((len(recs), padded) for _, recs, padded in map(plan.batch, range(count)))
+    return list(shapes)
+
+
 def eval_dataset(
     source: AudioSource,
     config: PipelineConfig,
@@ -384,11 +408,8 @@ def eval_dataset(
     """
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
-    lengths = np.asarray(source.lengths, np.int64)
-    if len(lengths) == 0:
-        raise UserError("the evaluation split has no records")
-    buckets = bucket_lengths(lengths, config.num_buckets, config.pad_multiple)
-    plan = EvalPlan(lengths, buckets, config.batch_size * shard_count)
+    plan = _eval_plan(source, config, shard_count)
+    lengths = plan.lengths
     whole = dataclasses.replace(config, max_sample_size=int(lengths.max()), min_sample_size=1, crop_to_bucket=False)
     ds = grain.MapDataset.range(plan.num_batches).map(_ReadBatch(source, plan, whole, shard_index, shard_count))
     ds = ds.random_map(targets, seed=sampling.derived_seed(config.seed, 3, shard_index))

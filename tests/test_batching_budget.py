@@ -9,7 +9,9 @@ import pytest
 
 from data_pipelines import synthetic
 from data_pipelines.batching import budget_batch_sizes
-from data_pipelines.pipeline import PipelineConfig, batch_shapes, make_plan, prepared_dataset
+from data_pipelines.pipeline import (PipelineConfig, batch_shapes, eval_batch_shapes, eval_dataset, make_plan,
+                                     prepared_dataset)
+from data_pipelines.sources import PreparedSource
 from xlsr_jax.config import Wav2Vec2Config
 from xlsr_jax.tasks.pretraining import PretrainTargets
 
@@ -57,6 +59,8 @@ def test_batch_shapes_are_the_fixed_batches_shapes(crop_to_bucket):
     seen = {(len(plan.batch(i)[1]), plan.batch(i)[2]) for i in range(2 * plan.window_batches)}
     assert seen == set(batch_shapes(_source(2_000), config, crop=True, shard_count=2))
     assert {rows for rows, _ in seen} == {8} and len(seen) == 3
+    first = list(dict.fromkeys((len(plan.batch(i)[1]), plan.batch(i)[2]) for i in range(2)))
+    assert batch_shapes(_source(2_000), config, crop=True, shard_count=2, max_batches=2) == first
 
 
 def test_budget_rejects_a_budget_below_one_row_multiple():
@@ -80,6 +84,17 @@ def _config(**kw):
 
 def _take(it, n):
     return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize("max_batches", [0, 3])
+def test_eval_batch_shapes_are_the_evaluation_batches_shapes(data_dir, max_batches):
+    config = PipelineConfig(batch_size=4, num_buckets=3, read_threads=0)
+    source = PreparedSource(data_dir, "train")
+    batches = list(eval_dataset(source, config, PretrainTargets(MODEL, seed=0), shard_index=1, shard_count=2))
+    seen = dict.fromkeys((2 * len(b["input_values"]), b["input_values"].shape[1]) for b in batches[:max_batches or None])
+    assert eval_batch_shapes(source, config, shard_count=2, max_batches=max_batches) == list(seen)
+    # Length order: the first batches are the shortest, and need fewer programs than the whole split.
+    assert len(seen) == 3 if not max_batches else 1 <= len(seen) < 3
 
 
 def test_budget_pipeline_resumes_exactly_and_hosts_split_each_batch(data_dir):

@@ -2,8 +2,10 @@
 without tracing, bit for bit as the uninterrupted run; a changed program compiles again; a bad entry is
 replaced; the keys left out of the fingerprint really do not change the program."""
 
+import concurrent.futures
 import contextlib
 import logging
+import re
 import threading
 
 import jax
@@ -108,18 +110,33 @@ def test_an_unreadable_entry_is_replaced_and_the_run_goes_on(tmp_path, data_dir,
 
 
 @pytest.mark.slow
-def test_the_loop_compiles_every_bucket_ahead_and_trains_as_without(tmp_path, data_dir):
-    """Two length buckets: both programs compile on the background thread (the first batch's while the state
-    initializes), none on the loop's, and the run equals one that compiles each program when it is needed."""
-    runs = {}
+def test_the_loop_compiles_every_bucket_and_the_evaluation_ahead_and_trains_as_without(tmp_path, data_dir, caplog):
+    """Two length buckets and an evaluation: each program compiles once, the train steps' on the background
+    thread (the first batch's while the state initializes), and the run equals one that compiles each program
+    on the loop's thread when it is needed."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    runs, compiles = {}, {}
     for threads in (0, 1):
         config = _config(data_dir, **{"data.num_buckets": 2, "train.steps": 4, "train.compile_threads": threads,
-                                      "train.keep_executables": False})
-        with _tracing_threads("train_step") as traced:
-            runs[threads] = train_and_evaluate(config, tmp_path / str(threads))
-        assert len(traced) == 2, traced  # the 4 steps see both buckets
-        assert all(name.startswith("compile_" if threads else "MainThread") for name in traced), traced
+                                      "train.keep_executables": False, "train.eval_every": 4,
+                                      "train.eval_batches": 2})
+        caplog.clear()
+        runs[threads] = train_and_evaluate(config, tmp_path / str(threads))
+        # "compiled the <step> for batch shapes <shapes>, static arguments <static>, in <s> s on <thread>"
+        found = [re.match(r"compiled the (.+) for batch shapes (.+), in [\d.]+ s on (\S+)$", r.getMessage())
+                 for r in caplog.records]
+        compiles[threads] = [m.groups() for m in found if m]
+        programs = [(step, shapes) for step, shapes, _ in compiles[threads]]
+        assert len(programs) == len(set(programs)), compiles  # a prepared program is found, not compiled again
+    assert {thread for _, _, thread in compiles[0]} == {"MainThread"}
+    assert sorted(p[:2] for p in compiles[1]) == sorted(p[:2] for p in compiles[0])  # and nothing unused
+    train = [thread for step, _, thread in compiles[1] if step == "train step"]
+    evaluation = [thread for step, _, thread in compiles[1] if step == "evaluation step"]
+    assert len(train) == 2 and all(t.startswith("compile_") for t in train), compiles  # both buckets trained on
+    # The evaluation's programs were queued behind the train steps': the loop takes over one not started yet.
+    assert evaluation and evaluation[0].startswith("compile_"), compiles
     assert [h["loss"] for h in runs[1].history] == [h["loss"] for h in runs[0].history]
+    assert runs[1].eval_history == runs[0].eval_history
     for a, b in zip(_params(runs[1]), _params(runs[0])):
         np.testing.assert_array_equal(a, b)
 
@@ -173,7 +190,8 @@ def _slow_to_compile(state, batch, scale):
 def test_prepared_programs_compile_on_a_background_thread_and_run_as_jit_does(tmp_path):
     jitted = jax.jit(_slow_to_compile, static_argnums=2)
     state, batch = jnp.ones(3), {"x": jnp.arange(4.0)}
-    executables = StepExecutables(jitted, tmp_path, "fingerprint", background_threads=1)
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compile")
+    executables = StepExecutables(jitted, tmp_path, "fingerprint", pool)
     with _tracing_threads("_slow_to_compile") as threads:
         abstract = jax.ShapeDtypeStruct(state.shape, state.dtype, sharding=state.sharding)
         executables.prepare(abstract, batch, 0.5)  # abstract state: what the loop has before the restore
@@ -182,10 +200,9 @@ def test_prepared_programs_compile_on_a_background_thread_and_run_as_jit_does(tm
         np.testing.assert_array_equal(out[0], jitted(state, batch, 0.25)[0])
         out = executables(state, batch, 0.5)
         np.testing.assert_array_equal(out[0], jitted(state, batch, 0.5)[0])
-        executables.close()
-        executables.prepare(abstract, {"x": batch["x"][:3]}, 0.5)  # closed: nothing starts
+        pool.shutdown()
     # the program prepared first traced on the background thread, the one taken over on this thread (jit's calls
-    # above reuse those tracings); the [:3] batch was never traced
+    # above reuse those tracings)
     assert sorted(threads) == ["MainThread", "compile_0"]
     assert executables.compiled == 2 and len(list(tmp_path.iterdir())) == 2
 
@@ -193,8 +210,8 @@ def test_prepared_programs_compile_on_a_background_thread_and_run_as_jit_does(tm
 def test_a_program_prepared_under_thread_local_settings_is_compiled_by_the_caller():
     jitted = jax.jit(_slow_to_compile, static_argnums=2)
     state, batch = jnp.ones(3), {"x": jnp.arange(4.0)}
-    executables = StepExecutables(jitted, None, "", background_threads=1)
-    with _tracing_threads("_slow_to_compile") as threads, contextlib.closing(executables):
+    with _tracing_threads("_slow_to_compile") as threads, concurrent.futures.ThreadPoolExecutor(1) as pool:
+        executables = StepExecutables(jitted, None, "", pool)
         with jax.default_matmul_precision("bfloat16"):  # thread-local: the background thread would not see it
             executables.prepare(state, batch, 0.5)
             executables(state, batch, 0.5)

@@ -30,9 +30,9 @@ def train_section(steps: int, eval_every: int, checkpoint_every: int) -> ml_coll
         # Keep the compiled train step in COMPILATION_CACHE_DIR/executables, keyed by config, code and devices,
         # so that a restart skips tracing and lowering too (single-process runs; see train/executables.py)
         "keep_executables": True,
-        # Threads that compile train steps ahead, beside the loop: the first batch's program while the state is
-        # initialized or restored, then every length bucket's, and the full program during fine-tuning's frozen
-        # phase; -1: one per 8 host CPUs, 1 to 4; 0: compile each program when a step first needs it
+        # Threads that compile programs ahead, beside the loop: the first batch's train step while the state is
+        # initialized or restored, then every length bucket's, the evaluation's and fine-tuning's full phase's
+        # before they are needed; -1: one per 8 host CPUs, 1 to 4; 0: compile each when a step first needs it
         "compile_threads": -1,
         "profile_steps": 0,  # N > 0: a jax.profiler trace of N steps into WORKDIR/profile
         "profile_skip": 2,  # steps after each (re)start before the trace begins (the first ones compile)

@@ -125,28 +125,29 @@ class StepExecutables:
     """Runs a jitted `(state, batch, *static)` step through executables compiled once, kept in `directory`.
 
     `directory` None keeps nothing between runs (each batch shape is still compiled once, as jit does).
-    `prepare` starts getting a program (loading or compiling it) on one of `background_threads` threads,
-    so that its compile overlaps what the caller does meanwhile: initializing or restoring the state, or
-    running the steps of another program. A call that needs a program not started yet gets it on the
-    caller's thread; one being compiled is waited for. Counts what it did in `loaded` and `compiled`.
+    `prepare` starts getting a program (loading or compiling it) on `pool`, a thread pool the caller owns
+    and shuts down, so that its compile overlaps what the caller does meanwhile: initializing or restoring
+    the state, or running the steps of another program. A call that needs a program not started yet gets
+    it on the caller's thread; one being compiled is waited for. `name` is what the log calls the step.
+    Counts what it did in `loaded` and `compiled`.
     """
 
     def __init__(self, jitted: Callable, directory: str | epath.Path | None, fingerprint: str,
-                 background_threads: int = 1):
+                 pool: concurrent.futures.Executor | None = None, name: str = "train step"):
         self._jitted = jitted
         self._directory = epath.Path(directory) if directory else None
         self._fingerprint = fingerprint
+        self._pool = pool
+        self._name = name
         self._ready: dict[tuple, Callable] = {}
         self._programs: dict[tuple, concurrent.futures.Future | None] = {}
         self._lock = threading.Lock()
-        self._pool = (concurrent.futures.ThreadPoolExecutor(background_threads, thread_name_prefix="compile")
-                      if background_threads else None)
         self.loaded = 0
         self.compiled = 0
 
     def prepare(self, state, batch, *static) -> None:
-        """Start getting the program for these arguments (arrays or ShapeDtypeStructs) in the background;
-        nothing if it is known already or there are no background threads."""
+        """Start getting the program for these arguments (arrays or ShapeDtypeStructs) on the pool;
+        nothing if it is known already, or without a pool."""
         key = (_batch_key(batch), static)
         with self._lock:
             if self._pool is None or key in self._programs:
@@ -162,13 +163,6 @@ class StepExecutables:
             step = self._ready[key] = self._program(key, state, batch, static)
         return step(state, batch)
 
-    def close(self) -> None:
-        """Drop the programs not started; one being compiled still finishes (the interpreter waits for it)."""
-        with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
-
     def _program(self, key: tuple, state, batch, static: tuple) -> Callable:
         with self._lock:
             future = self._programs.get(key)
@@ -179,8 +173,8 @@ class StepExecutables:
             if not future.done():
                 start = time.perf_counter()
                 concurrent.futures.wait([future])
-                log.info("waited %.1f s for the train step being compiled in the background",
-                         time.perf_counter() - start)
+                log.info("waited %.1f s for the %s being compiled in the background", time.perf_counter() - start,
+                         self._name)
             if future.result() is not None:
                 return future.result()
         return self._executable(_abstract((state, batch)), static)
@@ -188,12 +182,13 @@ class StepExecutables:
     def _background(self, abstract, static: tuple, settings: str) -> Callable | None:
         """The program, or None where the caller traces under other JAX settings than this thread has."""
         if _jax_settings() != settings:  # a thread-local context (e.g. jax.default_matmul_precision) in the caller
-            log.info("the caller's thread has its own JAX settings: its train step is compiled there, when needed")
+            log.info("the caller's thread has its own JAX settings: its %s is compiled there, when needed", self._name)
             return None
         try:
             return self._executable(abstract, static)
         except Exception as e:  # raised again to the step that needs the program; logged for one that never does
-            log.warning("compiling a train step in the background failed (%s: %s)", type(e).__name__, str(e)[:200])
+            log.warning("compiling the %s in the background failed (%s: %s)", self._name, type(e).__name__,
+                        str(e)[:200])
             raise
 
     def _path(self, state, batch, static: tuple) -> epath.Path | None:
@@ -228,11 +223,15 @@ class StepExecutables:
                 cache_hits.append(event)
 
         jax.monitoring.register_event_listener(on_event)
+        start = time.perf_counter()
         try:
             compiled = self._jitted.lower(*abstract, *static).compile()
         finally:
             jax.monitoring.unregister_event_listener(on_event)
         self.compiled += 1
+        log.info("compiled the %s for batch shapes %s, static arguments %s, in %.1f s on %s", self._name,
+                 {k: list(v.shape) for k, v in sorted(abstract[1].items())}, list(static),
+                 time.perf_counter() - start, threading.current_thread().name)
         if cache_hits:
             # jaxlib 0.10.2 serializes an executable that JAX's persistent cache loaded without some of its
             # kernels ("Function ... not found" when the copy runs): keep only what was compiled here.

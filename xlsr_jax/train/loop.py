@@ -7,6 +7,7 @@ the job with the last good checkpoint intact.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -15,6 +16,7 @@ import os
 import pathlib
 import signal
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +25,7 @@ import numpy as np
 from etils import epath
 
 from data_pipelines.errors import UserError
-from data_pipelines.pipeline import PipelineConfig, batch_shapes, prepared_dataset
+from data_pipelines.pipeline import PipelineConfig, batch_shapes, eval_batch_shapes, prepared_dataset
 from data_pipelines.records import DatasetIndex
 from data_pipelines.sources import PreparedSource
 from xlsr_jax.parallel.global_batch import to_global_batch
@@ -35,7 +37,7 @@ from xlsr_jax.parallel.rules import Rules, param_shardings
 from xlsr_jax.train.checkpoint import Checkpointer, is_local
 from xlsr_jax.train.executables import StepExecutables, environment_fingerprint
 from xlsr_jax.train.metrics import MetricsWriter, device_peak_flops, train_flops_per_step
-from xlsr_jax.train.program import abstract_batch, build_program
+from xlsr_jax.train.program import abstract_batch, abstract_eval_batch, build_program
 from xlsr_jax.train.state import create_train_state
 from xlsr_jax.tasks import make_task
 from xlsr_jax.train.evaluation import evaluate_split
@@ -334,10 +336,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     resume_step, total = checkpointer.latest_step(), config.train.steps
     if resume_step is not None:
         checkpointer.restore_data(train_iter, resume_step)
-    # Closed by the caller however the run ends: a compile not started yet is dropped.
-    train_step = cleanup.enter_context(contextlib.closing(StepExecutables(
-        program.train_step, executables_dir, environment_fingerprint(config) if executables_dir else "",
-        background_threads=compile_threads(config.train))))
+    pool = None
+    if compile_threads(config.train):  # shut down however the run ends; a compile not started yet is dropped
+        pool = concurrent.futures.ThreadPoolExecutor(compile_threads(config.train), thread_name_prefix="compile")
+        cleanup.callback(pool.shutdown, wait=False, cancel_futures=True)
+    train_step = StepExecutables(program.train_step, executables_dir,
+                                 environment_fingerprint(config) if executables_dir else "", pool)
+    eval_step = StepExecutables(program.predict_step or program.eval_step, None, "", pool, name="evaluation step")
     # The first batch is read, and its step's program started on a background thread, before the state is
     # initialized or restored: the compile (minutes for 1B/2B on a pod) overlaps the restore (or the init).
     abstract_state, step, first_batch = program.abstract_state_with_shardings(), resume_step or 0, None
@@ -345,14 +350,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
         first_batch = next(train_iter)
         first_global = to_global_batch({k: first_batch[k] for k in task.step_keys}, mesh, program.rules,
                                        task.batch_axes)
-        # Then every other length bucket's program (a new bucket would otherwise stop the run to compile).
-        shapes = batch_shapes(PreparedSource(data_dir, config.data.train_split), train_pipeline,
-                              task.train_targets.crop, jax.process_count())
-        batches = [first_global, *(abstract_batch(program, rows, samples) for rows, samples in shapes)]
-        for batch in batches:
-            train_step.prepare(abstract_state, batch, step < program.frozen_until)
-        for batch in batches:
-            _prepare_unfreeze(train_step, program, abstract_state, batch, step, total)
+        if pool is not None:
+            _prepare_ahead(train_step, eval_step, config, data_dir, program, train_pipeline, abstract_state,
+                           first_global, step, per_host)
     if resume_step is not None:
         step, state = checkpointer.restore(abstract_state, step=resume_step)
         print(f"resumed from step {step} in {checkpointer.directory}", flush=True)
@@ -428,7 +428,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
                 writer.progress(step, m)
                 history.append({"step": step, **m})
             if config.train.eval_every and step % config.train.eval_every == 0:
-                eval_history.append({"step": step, **evaluate(config, data_dir, program, state.params, per_host)})
+                eval_history.append({"step": step, **evaluate(config, data_dir, program, state.params, per_host,
+                                                              eval_step)})
                 writer.write(step, eval_history[-1], prefix="eval")
                 writer.eval_line(step, eval_history[-1])
             if preemption.should_stop(step, log_step or checkpoint_step):
@@ -449,6 +450,46 @@ def compile_threads(train_config) -> int:
     """`train.compile_threads`, with -1 resolved from this host's CPUs."""
     threads = int(train_config.get("compile_threads", -1))
     return min(4, max(1, (os.cpu_count() or 1) // 8)) if threads < 0 else threads
+
+
+def _prepare_ahead(train_step: StepExecutables, eval_step: StepExecutables, config, data_dir, program,
+                   train_pipeline: PipelineConfig, abstract_state, first_batch, step: int, per_host: int) -> None:
+    """Queue the run's programs on the compile pool in the order the run from `step` needs them: the first
+    batch's train step, every other length bucket's (a new bucket would otherwise stop the run to compile),
+    then the first evaluation's and fine-tuning's full phase's, whichever comes first."""
+    total, frozen = config.train.steps, step < program.frozen_until
+    shapes = batch_shapes(PreparedSource(data_dir, config.data.train_split), train_pipeline,
+                          program.task.train_targets.crop, jax.process_count())
+    batches = [first_batch, *(abstract_batch(program, rows, samples) for rows, samples in shapes)]
+    for batch in batches:
+        train_step.prepare(abstract_state, batch, frozen)
+    later = []
+    every = config.train.eval_every
+    if every and config.data.eval_split and (step // every + 1) * every <= total:
+        later.append(((step // every + 1) * every, lambda: _prepare_evaluation(
+            eval_step, config, data_dir, program, abstract_state.params, per_host)))
+    if step < program.frozen_until < total:
+        later.append((program.frozen_until, lambda: [train_step.prepare(abstract_state, b, False) for b in batches]))
+    for _, prepare in sorted(later, key=lambda item: item[0]):
+        prepare()
+
+
+def _objective_eval_batches(config, data_dir) -> int:
+    """Batches an evaluation by the objective's metrics reads (`train.eval_batches`; 0: the split's records)."""
+    return config.train.eval_batches or math.ceil(
+        DatasetIndex.load(data_dir).splits[config.data.eval_split].total_records / config.data.global_batch_size)
+
+
+def _prepare_evaluation(eval_step: StepExecutables, config, data_dir, program, params, per_host: int) -> None:
+    """Start compiling the programs `evaluate` runs (one per padded length of the batches it reads) on the pool."""
+    source, pipeline = PreparedSource(data_dir, config.data.eval_split), pipeline_config(config, per_host, 1000)
+    if program.predict_step is not None:  # the task's full-split evaluation: the split in length order
+        shapes = eval_batch_shapes(source, pipeline, jax.process_count(), config.train.eval_batches)
+    else:  # the objective's metrics on batches drawn as for training
+        shapes = batch_shapes(source, pipeline, program.task.eval_targets.crop, jax.process_count(),
+                              _objective_eval_batches(config, data_dir))
+    for rows, samples in shapes:
+        eval_step.prepare(params, abstract_eval_batch(program, rows, samples))
 
 
 def _prepare_unfreeze(executables: StepExecutables, program, state, batch, step: int, total: int) -> None:
@@ -529,27 +570,28 @@ def best_metric(config: ml_collections.ConfigDict, task) -> tuple[str, str]:
     return name, mode
 
 
-def evaluate(config, data_dir, program, params, per_host: int) -> dict:
+def evaluate(config, data_dir, program, params, per_host: int, step: Callable | None = None) -> dict:
     """Eval-split metrics: the task's full-split evaluation, or the mean of the objective's metrics
     over `config.train.eval_batches` batches (tasks without one, e.g. pretraining; 0: as many batches
-    as the split has records for)."""
+    as the split has records for). `step` runs the program (default: `program.predict_step`, or else
+    `program.eval_step`), e.g. through `StepExecutables`."""
     if not config.data.eval_split:
         return {}
     task, mesh, rules = program.task, program.mesh, program.rules
+    step = step or program.predict_step or program.eval_step
     if program.predict_step is not None:
-        metrics, _, _ = evaluate_split(task, program.predict_step, params, data_dir, config.data.eval_split,
+        metrics, _, _ = evaluate_split(task, step, params, data_dir, config.data.eval_split,
                                        pipeline_config(config, per_host, 1000), mesh, rules,
                                        max_batches=config.train.eval_batches)
         return metrics
-    num_batches = config.train.eval_batches or math.ceil(
-        DatasetIndex.load(data_dir).splits[config.data.eval_split].total_records / config.data.global_batch_size)
+    num_batches = _objective_eval_batches(config, data_dir)
     ds = prepared_dataset(data_dir, config.data.eval_split, pipeline_config(config, per_host, 1000), task.eval_targets)
     it = iter(ds)
     sums: dict[str, float] = {}
     for _ in range(num_batches):
         batch = to_global_batch({k: v for k, v in next(it).items() if k in task.step_keys}, mesh, rules,
                                 task.batch_axes)
-        metrics = jax.device_get(program.eval_step(params, batch))
+        metrics = jax.device_get(step(params, batch))
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
     return {k: v / num_batches for k, v in sums.items()}

@@ -116,6 +116,22 @@ def abstract_batch(program: TrainProgram, global_batch: int, num_samples: int) -
     Shapes and dtypes come from running the task's own pipeline targets on one fake row, so they are
     exactly what the input pipeline feeds `train`.
     """
+    row = _fake_row(program.task.train_targets, num_samples)
+    return {k: _rows(row[k], global_batch, program.batch_shardings[k]) for k in program.task.step_keys}
+
+
+def abstract_eval_batch(program: TrainProgram, global_batch: int, num_samples: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The batch `evaluate` feeds the task's evaluation program (`predict_step`, or else `eval_step`) at
+    [global_batch, num_samples], as `abstract_batch` makes the train step's."""
+    task = program.task
+    row = _fake_row(task.eval_targets, num_samples)
+    if program.predict_step is not None:
+        return {k: _rows(row[k], global_batch, logical_sharding(axes, program.mesh, program.rules))
+                for k, axes in task.eval_axes.items()}
+    return {k: _rows(row[k], global_batch, program.batch_shardings[k]) for k in task.step_keys if k in row}
+
+
+def _fake_row(targets, num_samples: int) -> dict:
     raw = {
         "input_values": np.zeros((1, num_samples), np.float32),
         "attention_mask": np.ones((1, num_samples), np.int32),
@@ -124,7 +140,8 @@ def abstract_batch(program: TrainProgram, global_batch: int, num_samples: int) -
         "language_id": np.zeros((1,), np.int32),
         "positions": np.zeros((1,), np.int64),
     }
-    row = program.task.train_targets(raw, np.random.default_rng(0))
-    return {k: jax.ShapeDtypeStruct((global_batch, *np.shape(row[k])[1:]), np.asarray(row[k]).dtype,
-                                    sharding=program.batch_shardings[k])
-            for k in program.task.step_keys}
+    return targets(raw, np.random.default_rng(0))
+
+
+def _rows(value, global_batch: int, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((global_batch, *np.shape(value)[1:]), np.asarray(value).dtype, sharding=sharding)
