@@ -213,7 +213,8 @@ class StepExecutables:
                             path, type(e).__name__, str(e)[:200])
                 path.unlink(missing_ok=True)
             else:
-                self.loaded += 1
+                with self._lock:
+                    self.loaded += 1
                 log.info("loaded the compiled train step from %s in %.2f s", path, time.perf_counter() - start)
                 return step
         cache_hits, thread = [], threading.get_ident()
@@ -228,7 +229,8 @@ class StepExecutables:
             compiled = self._jitted.lower(*abstract, *static).compile()
         finally:
             jax.monitoring.unregister_event_listener(on_event)
-        self.compiled += 1
+        with self._lock:  # the pool's threads count here too
+            self.compiled += 1
         log.info("compiled the %s for batch shapes %s, static arguments %s, in %.1f s on %s", self._name,
                  {k: list(v.shape) for k, v in sorted(abstract[1].items())}, list(static),
                  time.perf_counter() - start, threading.current_thread().name)
