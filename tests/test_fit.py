@@ -7,12 +7,16 @@ activations the remat policy keeps, not XLA's scratch buffers, which dominate sm
 
 import json
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import xlsr_jax.parallel.topology as topology_module
 from xlsr_jax.cli import main
 from xlsr_jax.config import ConfigError
-from xlsr_jax.parallel.topology import parse_topology
+from xlsr_jax.parallel.topology import parse_topology, topology_devices
 
 pytest.importorskip("libtpu", reason="the tpu extra (jax[tpu]) is part of the CI install")
 pytestmark = pytest.mark.usefixtures("users_matmul_precision")  # what users compile
@@ -68,6 +72,7 @@ def test_fits_with_reduce_scattered_gradients_and_gathered_conv_kernels(capsys):
                            "--config.mesh_preset=v5e-8", "--config.data.global_batch_size=16", *MEDIUM)
     print(out)
     assert code == 0 and "FITS: peak" in out and s["fits"]
+    assert s["attention"] == "splash" and "attention kernel splash" in out  # Pallas' kernel compiled by Mosaic
     assert 1 / 3 <= s["compiled_over_estimate"] <= 3.0, s
     assert s["annotations"] >= 60
     # FSDP: gradients reduce-scattered (TPU fuses all-reduce + slice into an all-reduce-scatter).
@@ -121,3 +126,33 @@ def test_memory_remedies_keep_the_update_and_skip_what_is_on(cpu_devices):
     one, two = analytic_memory(program(), 16, 48000), analytic_memory(program(), 16, 48000, accum_steps=2)
     assert two.gradients == 2 * one.gradients and two.activations == one.activations // 2
 
+
+
+@pytest.mark.parametrize("policy, kernels", [("none", 3), ("dots", 3), ("dots_no_batch", 3), ("full", 4)])
+def test_tpu_steps_take_the_splash_kernel_and_remat_keeps_its_residuals(policy, kernels):
+    """Lowered for a v5e 2x2 mesh (data 2, tensor 2), `attention_impl="auto"` takes Pallas' splash kernel
+    (Mosaic custom calls). The policies that keep the projections keep the kernel's output and softmax
+    statistics too: the forward and the two backward kernels (dq, dkv), once in the layer scan; `full`
+    runs the forward again. Attention dropout in training falls back to XLA's attention."""
+    from xlsr_jax.config import get_preset
+    from xlsr_jax.models.encoder import attention_kernel
+    from xlsr_jax.models.heads import abstract_params, build_model
+    from xlsr_jax.parallel.rules import DEFAULT_RULES, sharding_context
+
+    mesh = jax.sharding.Mesh(np.array(topology_devices(parse_topology("v5e:2x2"))).reshape(2, 1, 2),
+                             ("data", "fsdp", "tensor"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+    config = get_preset("tiny", hidden_dropout=0.0, attention_dropout=0.0, remat_policy=policy)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          nn.meta.unbox(abstract_params(config, "ctc")))
+    audio = jax.ShapeDtypeStruct((4, 8000), jnp.float32, sharding=rows)
+    mask = jax.ShapeDtypeStruct((4, 8000), jnp.int32, sharding=rows)
+    with sharding_context(mesh, DEFAULT_RULES):
+        assert attention_kernel(config, deterministic=False) == "splash"
+        assert attention_kernel(config.replace(attention_dropout=0.1), deterministic=False) == "xla"
+        assert attention_kernel(config.replace(attention_dropout=0.1), deterministic=True) == "splash"
+        model = build_model(config, "ctc")
+        grads = jax.jit(jax.grad(lambda p, a, m: jnp.mean(model.apply({"params": p}, a, m).logits ** 2)))
+        text = grads.lower(params, audio, mask).as_text()
+    assert text.count("@tpu_custom_call") == kernels

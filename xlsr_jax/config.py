@@ -30,8 +30,10 @@ HF_ARCHITECTURES = {
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 # Self-attention kernels: "xla" materializes the [T, T] scores (any backend, attention dropout);
 # "cudnn" is cuDNN's fused flash attention (NVIDIA GPUs, bfloat16, head_dim <= 128 and a multiple of 8,
-# no attention dropout); "auto" takes cudnn where it applies and xla elsewhere.
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# no attention dropout); "splash" is the Pallas splash (flash) attention kernel for TPUs (no attention
+# dropout; off a TPU it runs in Pallas' interpreter, for tests); "auto" takes cudnn on a GPU and splash
+# on a TPU where they apply, and xla elsewhere.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16")
 
 

@@ -11,10 +11,16 @@ import jax.numpy as jnp
 from xlsr_jax.config import ConfigError, Wav2Vec2Config
 from xlsr_jax.models.layers import Dense, LayerNorm, activation, conv1d, gathered, logical
 
+# The splash kernel's forward residuals (its output and softmax statistics) carry this name, so that a
+# policy which keeps the projections keeps them too instead of running the kernel's forward again.
+SPLASH_RESIDUALS = "splash_attention_residuals"
+_policies = jax.checkpoint_policies
 _REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _policies.nothing_saveable,
+    "dots": _policies.save_from_both_policies(_policies.checkpoint_dots,
+                                              _policies.save_only_these_names(SPLASH_RESIDUALS)),
+    "dots_no_batch": _policies.save_from_both_policies(_policies.dots_with_no_batch_dims_saveable,
+                                                       _policies.save_only_these_names(SPLASH_RESIDUALS)),
 }
 
 
@@ -58,21 +64,84 @@ class PositionalConvEmbedding(nn.Module):
 
 
 CUDNN_FRAME_MULTIPLE = 8  # frames padded to this for cuDNN attention
+# Splash attention's tiles: frames are padded to a multiple of the smallest, and the largest of these that
+# divides the padded length is the tile (749 frames, 15 s: 768 in tiles of 256; 999 frames: 1024 in 512).
+SPLASH_BLOCKS = (512, 256, 128)
 
 
-def attention_kernel(config: Wav2Vec2Config, deterministic: bool) -> str:
-    """"xla" or "cudnn": what `config.attention_impl` means on this backend for this call.
+def target_platform() -> str:
+    """The platform a step being traced will run on: the ambient mesh's devices' ("tpu" when `fit` compiles
+    for a TPU pod on a CPU machine), else JAX's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
-    "auto" takes cuDNN's flash attention on a GPU when the compute dtype is bfloat16, the head size
-    fits it (<= 128, a multiple of 8) and no attention dropout is drawn; everything else, TPU and CPU
-    included, materializes the scores with XLA.
+
+def attention_kernel(config: Wav2Vec2Config, deterministic: bool, platform: str | None = None) -> str:
+    """"xla", "cudnn" or "splash": what `config.attention_impl` means on `platform` (default: the target
+    platform, `target_platform()`) for this call.
+
+    "auto" takes cuDNN's flash attention on a GPU when the compute dtype is bfloat16 and the head size
+    fits it (<= 128, a multiple of 8), Pallas' splash attention on a TPU, either only when no attention
+    dropout is drawn; everything else, CPU included, materializes the scores with XLA.
     """
     impl = config.attention_impl
     if impl != "auto":
         return impl
+    if not (deterministic or config.attention_dropout == 0.0):
+        return "xla"
+    platform = platform or target_platform()
+    if platform == "tpu":
+        return "splash"
     fits = config.dtype == "bfloat16" and config.head_dim <= 128 and config.head_dim % 8 == 0
-    no_dropout = deterministic or config.attention_dropout == 0.0
-    return "cudnn" if fits and no_dropout and jax.default_backend() == "gpu" else "xla"
+    return "cudnn" if fits and platform == "gpu" else "xla"
+
+
+def _mesh_axes_size(mesh, axes) -> int:
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
+    """Self-attention of [batch, frames, heads, head_dim] q, k, v over each row's first `lengths` keys, by
+    Pallas' TPU splash attention kernel (Pallas' interpreter off a TPU).
+
+    The frames are padded to a multiple of SPLASH_BLOCKS' smallest and the padding is masked as keys
+    through the kernel's segment ids (queries: 1, keys: 1 when valid, else 0), so padded queries attend to
+    the valid keys as in the XLA path. Under a mesh the kernel runs per shard (`shard_map`) with the batch and
+    heads split as the logical rules split "batch" and "act_heads"; a pallas call cannot be partitioned.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+
+    batch, frames, heads, head_dim = q.shape
+    padded = -(-frames // SPLASH_BLOCKS[-1]) * SPLASH_BLOCKS[-1]
+    block = next(b for b in SPLASH_BLOCKS if padded % b == 0)
+    interpret = target_platform() != "tpu"
+    q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
+    q, k, v = (jnp.pad(t, ((0, 0), (0, padded - frames), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for t in (q, k, v))
+    kv_ids = (jnp.arange(padded)[None, :] < lengths[:, None]).astype(jnp.int32)
+
+    def attend(q, k, v, kv_ids):  # one shard: [b, h, padded, d]
+        local_heads = q.shape[1]
+        mask = splash_mask.MultiHeadMask([splash_mask.FullMask((padded, padded))] * local_heads)
+        sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                                  block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+        kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
+                                        residual_checkpoint_name=SPLASH_RESIDUALS, interpret=interpret)
+        ids = splash.SegmentIds(q=jnp.ones_like(kv_ids), kv=kv_ids)
+        return jax.vmap(kernel)(q, k, v, segment_ids=ids)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        out = attend(q, k, v, kv_ids)
+    else:
+        batch_axes, _, heads_axes, _ = nn.logical_to_mesh_axes(("batch", None, "act_heads", None))
+        batch_axes = batch_axes if batch % _mesh_axes_size(mesh, batch_axes) == 0 else None
+        heads_axes = heads_axes if heads % _mesh_axes_size(mesh, heads_axes) == 0 else None
+        spec = jax.sharding.PartitionSpec(batch_axes, heads_axes)
+        out = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(batch_axes)),
+                            out_specs=spec, check_vma=False)(q, k, v, kv_ids)
+    return out.transpose(0, 2, 1, 3)[:, :frames]
 
 
 class Attention(nn.Module):
@@ -94,9 +163,14 @@ class Attention(nn.Module):
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
         q = nn.with_logical_constraint(q, ("batch", "frames", "act_heads", None))
         kernel = attention_kernel(cfg, self.deterministic)
-        if kernel == "cudnn":
-            if not self.deterministic and cfg.attention_dropout:
-                raise ConfigError("attention_impl='cudnn' has no attention dropout; use 'xla' or attention_dropout=0")
+        if kernel != "xla" and not self.deterministic and cfg.attention_dropout:
+            raise ConfigError(f"attention_impl={kernel!r} has no attention dropout; use 'xla' or attention_dropout=0")
+        if kernel == "splash":
+            if target_platform() == "gpu":  # Pallas' interpreter is for tests on a CPU
+                raise ConfigError("attention_impl='splash' is a TPU kernel; on a GPU use 'cudnn' or 'auto'")
+            full = jnp.full((x.shape[0],), x.shape[1], jnp.int32)
+            out = splash_attention(q, k, v, full if lengths is None else lengths)
+        elif kernel == "cudnn":
             # jax's cuDNN path rejects odd lengths when training: pad the frames, mask them as keys, drop them.
             frames = x.shape[1]
             pad = -frames % CUDNN_FRAME_MULTIPLE

@@ -22,6 +22,7 @@ import numpy as np
 
 from data_pipelines.batching import budget_batch_sizes
 from xlsr_jax.config import ConfigError, Wav2Vec2Config
+from xlsr_jax.models.encoder import attention_kernel
 from xlsr_jax.parallel.hlo import CollectiveStats, collective_stats, count_sharding_annotations
 from xlsr_jax.parallel.mesh import build_mesh, check_mesh_covers, resolve_mesh_config
 from xlsr_jax.parallel.topology import Topology, topology_devices
@@ -63,6 +64,7 @@ class FitReport:
     accum_steps: int
     hbm_bytes: int | None
     fits: bool
+    attention: str = ""  # the train step's attention kernel on the target ("xla", "cudnn", "splash")
     argument_bytes: int = 0
     output_bytes: int = 0
     alias_bytes: int = 0
@@ -94,6 +96,7 @@ class FitReport:
         out = {
             "target": self.target, "devices": self.num_devices, "mesh": self.mesh, "global_batch": self.global_batch,
             "num_samples": self.num_samples, "accum_steps": self.accum_steps, "fits": self.fits,
+            "attention": self.attention,
             "peak_gib": round(self.peak_bytes / gib, 3), "argument_gib": round(self.argument_bytes / gib, 3),
             "temp_gib": round(self.temp_bytes / gib, 3), "output_gib": round(self.output_bytes / gib, 3),
             "hbm_gib": None if self.hbm_bytes is None else round(self.hbm_bytes / gib, 2),
@@ -137,9 +140,10 @@ def analytic_memory(program: TrainProgram, global_batch: int, num_samples: int,
     layer input (T*H); `dots` keeps every matmul output (q, k, v, attention output, out_proj, FFN in
     and out: 6*T*H + T*F in the compute dtype, and the float32 attention scores heads*T*T);
     `dots_no_batch` keeps the weight matmuls only (5*T*H + T*F); `none` also keeps the softmax's
-    intermediates (about 10 more bytes per attention score). Each conv encoder layer keeps its output and
-    GELU input in the compute dtype and the LayerNorm input in float32 ([T_i, 512] each); with `conv_remat`,
-    only its input and conv output.
+    intermediates (about 10 more bytes per attention score). A fused attention kernel (splash on a TPU,
+    cuDNN on a GPU) keeps no scores: at most its output and float32 softmax statistics (heads*T). Each
+    conv encoder layer keeps its output and GELU input in the compute dtype and the LayerNorm input in
+    float32 ([T_i, 512] each); with `conv_remat`, only its input and conv output.
     Sequences are split over data*fsdp, heads and FFN width over tensor.
     """
     cfg: Wav2Vec2Config = model_config or program.model_config
@@ -158,12 +162,15 @@ def analytic_memory(program: TrainProgram, global_batch: int, num_samples: int,
     t = cfg.num_frames(num_samples)
     h, f, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
     b = np.dtype(cfg.dtype).itemsize
-    dots = (2 * h + 4 * h / tensor + f / tensor) * t * b + (n / tensor) * t * t * 4
+    platform = program.mesh.devices.flat[0].platform
+    fused = attention_kernel(cfg, deterministic=False, platform=platform) != "xla"
+    scores = (n / tensor) * t * (4 if fused else t * 4)
+    dots = (2 * h + 4 * h / tensor + f / tensor) * t * b + scores
     per_layer = {
         "full": t * h * b,
         "dots": dots,
-        "dots_no_batch": (2 * h + 3 * h / tensor + f / tensor) * t * b,
-        "none": dots + (n / tensor) * t * t * 10,
+        "dots_no_batch": (2 * h + (4 if fused else 3) * h / tensor + f / tensor) * t * b + (scores if fused else 0),
+        "none": dots + (0 if fused else (n / tensor) * t * t * 10),
     }[cfg.remat_policy]
     conv = 0.0
     length = num_samples
@@ -218,6 +225,8 @@ def compile_once(program: TrainProgram, global_batch: int, num_samples: int, hbm
     report.flops_per_step = train_flops_per_step(program.model_config, program.num_params, global_batch, num_samples)
     report.peak_flops_per_chip = device_peak_flops(program.mesh.devices.flat[0])
     report.estimate = analytic_memory(program, global_batch, num_samples)
+    report.attention = attention_kernel(program.model_config, deterministic=False,
+                                        platform=program.mesh.devices.flat[0].platform)
     t0 = time.perf_counter()
     lowered = program.train_step.lower(program.abstract_state_with_shardings(),
                                        abstract_batch(program, global_batch, num_samples))
@@ -320,7 +329,8 @@ def format_report(report: FitReport) -> list[str]:
     """Human-readable lines of a fit report (the CLI prints them)."""
     gib = 2**30
     lines = [f"target: {report.target}; mesh {report.mesh}; global batch {report.global_batch} x "
-             f"{report.num_samples / 16000:.1f} s ({report.num_samples} samples), accum_steps {report.accum_steps}"]
+             f"{report.num_samples / 16000:.1f} s ({report.num_samples} samples), accum_steps {report.accum_steps}, "
+             f"attention kernel {report.attention}"]
     if report.error:
         lines.append(f"compiler: {report.error}")
     else:
