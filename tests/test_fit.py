@@ -127,7 +127,6 @@ def test_memory_remedies_keep_the_update_and_skip_what_is_on(cpu_devices):
     assert two.gradients == 2 * one.gradients and two.activations == one.activations // 2
 
 
-
 @pytest.mark.parametrize("policy, kernels", [("none", 3), ("dots", 3), ("dots_no_batch", 3), ("full", 4)])
 def test_tpu_steps_take_the_splash_kernel_and_remat_keeps_its_residuals(policy, kernels):
     """Lowered for a v5e 2x2 mesh (data 2, tensor 2), `attention_impl="auto"` takes Pallas' splash kernel
