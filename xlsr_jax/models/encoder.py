@@ -163,19 +163,20 @@ class Attention(nn.Module):
         q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
         q = nn.with_logical_constraint(q, ("batch", "frames", "act_heads", None))
         kernel = attention_kernel(cfg, self.deterministic)
-        if kernel != "xla" and not self.deterministic and cfg.attention_dropout:
-            raise ConfigError(f"attention_impl={kernel!r} has no attention dropout; use 'xla' or attention_dropout=0")
+        if kernel != "xla":  # the fused kernels take the padding as key lengths
+            if not self.deterministic and cfg.attention_dropout:
+                raise ConfigError(f"attention_impl={kernel!r} has no attention dropout; "
+                                  "use 'xla' or attention_dropout=0")
+            if lengths is None:
+                lengths = jnp.full((x.shape[0],), x.shape[1], jnp.int32)
         if kernel == "splash":
             if target_platform() == "gpu":  # Pallas' interpreter is for tests on a CPU
                 raise ConfigError("attention_impl='splash' is a TPU kernel; on a GPU use 'cudnn' or 'auto'")
-            full = jnp.full((x.shape[0],), x.shape[1], jnp.int32)
-            out = splash_attention(q, k, v, full if lengths is None else lengths)
+            out = splash_attention(q, k, v, lengths)
         elif kernel == "cudnn":
             # jax's cuDNN path rejects odd lengths when training: pad the frames, mask them as keys, drop them.
             frames = x.shape[1]
             pad = -frames % CUDNN_FRAME_MULTIPLE
-            if lengths is None:
-                lengths = jnp.full((x.shape[0],), frames, jnp.int32)
             q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
             out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
             out = out[:, :frames]
