@@ -4,6 +4,7 @@ peak memory, and the time from process start to the first step.
     python benchmarks/bench_step.py [--preset base] [--seconds 5] [--batch 4] [--dtype float32]
         [--steps 6] [--rounds 2] [--post-ln] [--remat none] [--conv-remat] [--unrolled] [--attention auto]
         [--frameworks ours torch] [--flax-python PATH] [--compile-cache DIR] [--profile-top N]
+        [--queue DIR --queue-size N --label NAME]
 
 Each framework runs in its own process (`--worker ours|torch`), the two alternating for `--rounds`, so
 neither inherits the other's memory or caches. A worker builds the model (base size, pre-LN and
@@ -17,12 +18,16 @@ available) also the device's peak allocated memory and the MFU: the analytic mod
 and the chip's peak bf16 FLOP/s. Prints a table with the medians over rounds and the ratios, then one
 JSON line. Needs the `torch` extra for the PyTorch side. With `--flax-python PATH` (a Python with
 transformers 4.57.6 and this machine's jax) also Hugging Face's `FlaxWav2Vec2ForPreTraining`, with
-wav2vec 2.0's loss written here (the Flax model has none) and optax's AdamW.
+wav2vec 2.0's loss written here (the Flax model has none) and optax's AdamW. With `--queue`, several
+runs of ours share one device: they compile side by side and are timed one at a time
+(`benchmarks/sweep_step_gpu.sh`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -59,6 +64,32 @@ def _config(args):
                       conv_remat=args.conv_remat, attention_impl=args.attention,
                       hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
                       layerdrop=0.0, mask_time_prob=0.65)
+
+
+@contextlib.contextmanager
+def _device_turn(args):
+    """With `--queue DIR`: mark this run compiled, wait until all `--queue-size` runs sharing the device are
+    compiled (or failed), then hold the device alone (an exclusive lock) while timing. Compiles overlap on
+    the host's cores, and no compile's autotuning runs on the GPU while another run is timed."""
+    if not args.queue:
+        yield
+        return
+    _queue_mark(args, "ready")
+    deadline = time.monotonic() + 1800
+    while len(_queue_done(args.queue)) < args.queue_size and time.monotonic() < deadline:
+        time.sleep(0.5)
+    with open(os.path.join(args.queue, "lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _queue_mark(args, state: str) -> None:
+    os.makedirs(args.queue, exist_ok=True)
+    open(os.path.join(args.queue, f"{state}.{args.label}"), "w").close()
+
+
+def _queue_done(directory: str) -> set[str]:
+    return {name.split(".", 1)[1] for name in os.listdir(directory) if name.startswith(("ready.", "failed."))}
 
 
 def _peak_rss_gib() -> float:
@@ -166,21 +197,22 @@ def worker_ours(args) -> dict:
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     memory = compiled.memory_analysis()
     temp_gib = getattr(memory, "temp_size_in_bytes", 0) / 2**30 if memory is not None else None
-    times = []
-    for _ in range(args.steps):
-        t = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t)
-    device = jax.devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
+    with _device_turn(args):
+        times = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready((state, metrics))
+            times.append(time.perf_counter() - t)
+        device = jax.devices()[0]
+        stats = device.memory_stats() if device.platform != "cpu" else None
 
-    def run_step():
-        nonlocal state
-        state, out = compiled(state, batch)
-        jax.block_until_ready((state, out))
+        def run_step():
+            nonlocal state
+            state, out = compiled(state, batch)
+            jax.block_until_ready((state, out))
 
-    profile = _device_profile(compiled, run_step, 2, args.profile_top) if args.profile_top else None
+        profile = _device_profile(compiled, run_step, 2, args.profile_top) if args.profile_top else None
     return {"profile": profile, "attention": attention_kernel(config, deterministic=False), "compiled_temp_gib": temp_gib,
             "ready_s": ready, "compile_s": compile_s, "first_step_s": times[0], "steps_s": times[1:],
             "loss": float(metrics["loss"]), "peak_rss_gib": _peak_rss_gib(), "device": device.device_kind,
@@ -343,6 +375,11 @@ def main(argv=None) -> int:
                         help="a Python with transformers 4.57.6 (the last release with Flax wav2vec2) and the same "
                              "jax, e.g. a venv made with --system-site-packages: adds Hugging Face's "
                              "FlaxWav2Vec2ForPreTraining to the frameworks")
+    parser.add_argument("--queue", metavar="DIR",
+                        help="ours: share the device with other runs given the same DIR (benchmarks/sweep_step_gpu.sh): "
+                             "compile alongside them, then time alone, once all --queue-size runs have compiled")
+    parser.add_argument("--queue-size", type=int, default=1)
+    parser.add_argument("--label", default="", help="a name for this run in the table and the JSON line")
     parser.add_argument("--worker", choices=("ours", "torch", "flax"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -360,7 +397,11 @@ def main(argv=None) -> int:
                    f"--dtype={args.dtype}", f"--remat={args.remat}", f"--steps={args.steps}",
                    f"--profile-top={args.profile_top}", f"--attention={args.attention}",
                    *(["--unrolled"] if args.unrolled else []), *(["--post-ln"] if args.post_ln else []),
-                   *(["--conv-remat"] if args.conv_remat else [])]
+                   *(["--conv-remat"] if args.conv_remat else []),
+                   *([f"--queue={args.queue}", f"--queue-size={args.queue_size}", f"--label={args.label}"]
+                     if args.queue else [])]
+    if args.queue and (args.frameworks != ["ours"] or args.rounds != 1 or not args.label):
+        parser.error("--queue times one run of ours: --frameworks ours --rounds 1 --label NAME")
     runs: dict[str, list[dict]] = {name: [] for name in args.frameworks}
     failed: dict[str, str] = {}
     cache_env = None
@@ -380,6 +421,8 @@ def main(argv=None) -> int:
                     result = _run_worker(name, passthrough, cache_env if name == "ours" else None)
             except RuntimeError as e:  # out of memory, say: the other framework's row still counts
                 failed[name] = str(e)
+                if args.queue and not os.path.exists(os.path.join(args.queue, f"ready.{args.label}")):
+                    _queue_mark(args, "failed")  # the runs waiting for this one's compile go on
                 print(e, file=sys.stderr, flush=True)
                 continue
             runs[name].append(result)
@@ -410,8 +453,8 @@ def main(argv=None) -> int:
     header = f"{'framework':<10} {'step s median':>13} {'min-max':>13} {memory:>15} {'MFU':>6} {'ready s':>8} " \
              f"{'compile s':>9} {'first step s':>12} {'start->1st step s':>17}"
     kernel = runs["ours"][0]["attention"] if runs.get("ours") else "-"
-    print(f"{args.preset}, {args.batch} x {args.seconds:g} s, {args.dtype}, remat {args.remat}"
-          f"{' + conv_remat' if args.conv_remat else ''}, our attention {kernel}, on "
+    print(f"{args.label + ': ' if args.label else ''}{args.preset}, {args.batch} x {args.seconds:g} s, {args.dtype}, remat {args.remat}"
+          f"{' + conv_remat' if args.conv_remat else ''}{', unrolled' if args.unrolled else ''}, our attention {kernel}, on "
           f"{', '.join(sorted({str(row['device']) for row in rows.values()}))}")
     print(header)
     print("-" * len(header))

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Variants of the GPU train-step benchmark (bench_step.py, ours only) in one short device session: all
+# variants compile at once on the host's cores, then each is timed alone on the GPU (bench_step.py
+# --queue), so N variants cost about one compile plus N timings instead of N compiles.
+#
+#   benchmarks/sweep_step_gpu.sh OUTDIR [VARIANTS]
+#
+# VARIANTS: a file of lines `label|bench_step.py options|extra XLA_FLAGS` (# comments); without it, the
+# variants below. Every run is bfloat16, 15 s rows, 8 steps (1 + 7 timed), with XLA's GPU memory
+# allocated on demand (XLA_PYTHON_CLIENT_PREALLOCATE=false: the runs share the device while they wait).
+# Writes OUTDIR/LABEL.txt per variant and OUTDIR/summary.txt (one row per variant, then their JSON lines).
+set -uo pipefail
+out=${1:?OUTDIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+list=${2:-}
+[[ -n "$list" ]] && list=$(cd "$(dirname "$list")" && pwd)/$(basename "$list")
+cd "$(dirname "$0")/.."
+if [[ -n "$list" ]]; then
+  variants=$(grep -v '^\s*#' "$list" | grep -v '^\s*$')
+else
+  # The presets' remat policy (dots) and no remat, scanned and unrolled layers, larger batches, and one
+  # profile: with CUDA graphs off (XLA's command buffers), so that each kernel keeps its HLO name.
+  variants="dots300|--preset xlsr_300m --batch 8 --remat dots|
+none300|--preset xlsr_300m --batch 8|
+unrolled300|--preset xlsr_300m --batch 8 --unrolled|
+b32_dots300|--preset xlsr_300m --batch 32 --remat dots|
+b32_unrolled300|--preset xlsr_300m --batch 32 --unrolled|
+dots1b|--preset xlsr_1b --batch 8 --remat dots|
+b16_dots1b|--preset xlsr_1b --batch 16 --remat dots|
+prof_dots300|--preset xlsr_300m --batch 8 --remat dots --profile-top 40|--xla_gpu_enable_command_buffer="
+fi
+queue=$(mktemp -d)
+n=$(grep -c . <<< "$variants")
+echo "$n variants, compiling together, then timed one at a time" >&2
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
+labels=()
+while IFS='|' read -r label opts xla; do
+  labels+=("$label")
+  flags=$(echo "${XLA_FLAGS:-} $xla" | xargs)  # XLA reads a non-empty value that is not a flag as a file
+  # shellcheck disable=SC2086  # opts is a list of options
+  env ${flags:+XLA_FLAGS="$flags"} python3 benchmarks/bench_step.py $opts --dtype bfloat16 --seconds "${SECONDS_PER_ROW:-15}" \
+    --steps "${STEPS:-8}" --rounds 1 --frameworks ours --queue "$queue" --queue-size "$n" --label "$label" \
+    > "$out/$label.txt" 2>&1 &
+done <<< "$variants"
+wait
+rm -rf "$queue"
+python3 - "$out" "${labels[@]}" <<'PY' | tee "$out/summary.txt"
+import json, os, sys
+rows = []
+for label in sys.argv[2:]:
+    path = os.path.join(sys.argv[1], f"{label}.txt")
+    lines = [line for line in open(path) if line.startswith('{"bench"')]
+    if not lines:
+        print(f"{label:<20} failed: {open(path).read()[-300:]!r}")
+        continue
+    record = json.loads(lines[-1])
+    ours = record["results"].get("ours")
+    if not ours:
+        print(f"{label:<20} failed: {record['failed']}")
+        continue
+    rows.append(record)
+    print(f"{label:<20} step {ours['step_s_median']:.4f} s ({ours['step_s_min']:.4f}-{ours['step_s_max']:.4f})  "
+          f"MFU {ours['mfu']:.1%}  device peak {ours['device_peak_gib']:.2f} GiB  compile {ours['compile_s']:.0f} s"
+          if ours.get("mfu") is not None else f"{label:<20} step {ours['step_s_median']:.4f} s")
+for record in rows:
+    print(json.dumps(record))
+PY
