@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from xlsr_jax.config import PRESETS, ConfigError, get_preset
-from xlsr_jax.parallel.mesh import MESH_PRESETS, build_mesh, mesh_shape, resolve_mesh_config, validate_for_model
+from xlsr_jax.parallel.mesh import (MESH_PRESETS, build_mesh, build_run_mesh, mesh_shape, preset_platform,
+                                   resolve_mesh_config, validate_for_model)
 from xlsr_jax.train.checkpoint import MIN_REPLICA_SLICE_BYTES, Checkpointer, abstract_with_shardings
 
 # chips per preset name (TPU chips: v4/v5p "-N" counts TensorCores, 2 per chip)
@@ -25,6 +26,21 @@ def test_mesh_shapes_and_messages():
         mesh_shape({"ici": {"data": -1, "fsdp": -1}}, 8)
     with pytest.raises(ConfigError, match="unknown mesh_preset"):
         resolve_mesh_config("v9-1", {})
+
+
+def test_a_pod_preset_that_does_not_fit_this_platform_says_where_to_run_it(cpu_devices):
+    """A GPU or TPU preset on devices of another platform that it does not fit (a GPU node whose jax has no
+    CUDA sees only its CPUs): the device-count error says which machines and install the preset needs."""
+    assert [preset_platform(p) for p in ("gpu-4x8", "v5p-128", "2x v5e-256", "cpu", "")] == ["gpu", "tpu", "tpu",
+                                                                                            None, None]
+    with pytest.raises(ConfigError, match=r"has 8 devices but 4 are available.*'gpu-1x8' is for GPUs but JAX sees "
+                                          r"4 cpu device\(s\).*pip install 'xlsr-jax\[gpu\]'"):
+        build_run_mesh("gpu-1x8", {}, cpu_devices[:4])
+    with pytest.raises(ConfigError, match=r"'v5p-128' is for TPUs .*pip install 'xlsr-jax\[tpu\]'"):
+        build_run_mesh("v5p-128", {}, cpu_devices)
+    with pytest.raises(ConfigError, match="available; use -1 on one axis to fill$"):  # no hint: CPU's own preset
+        build_run_mesh("", {"ici": {"data": 3}}, cpu_devices)
+    assert build_run_mesh("gpu-1x8", {}, cpu_devices).shape == {"data": 1, "fsdp": 8, "tensor": 1}  # it fits: runs
 
 
 def test_every_mesh_preset_fits_its_machine_and_the_xlsr_models():

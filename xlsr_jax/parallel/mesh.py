@@ -53,6 +53,35 @@ def resolve_mesh_config(mesh_preset: str, mesh: Mapping) -> dict:
     return {"ici": dict(mesh.get("ici", {})), "dcn": dict(mesh.get("dcn", {})), "num_devices": mesh.get("num_devices", 0)}
 
 
+# The extra that gives JAX the devices of a preset's platform, for the hint when the devices do not fit.
+PLATFORM_EXTRAS = {"gpu": "gpu", "tpu": "tpu"}
+
+
+def preset_platform(mesh_preset: str) -> str | None:
+    """"gpu" or "tpu" for a GPU or TPU preset (`gpu-4x8`, `v5p-128`, `2x v5e-256`), None otherwise."""
+    if mesh_preset.startswith("gpu-"):
+        return "gpu"
+    if mesh_preset in MESH_PRESETS and mesh_preset.split()[-1].startswith("v"):
+        return "tpu"
+    return None
+
+
+def build_run_mesh(mesh_preset: str, mesh: Mapping, devices: Sequence | None = None) -> jax.sharding.Mesh:
+    """The mesh of a run (`resolve_mesh_config` + `build_mesh`). When a GPU or TPU preset does not fit the
+    devices and JAX sees another platform, the error says where to run it and with which install."""
+    devices = list(devices if devices is not None else jax.devices())
+    try:
+        return build_mesh(resolve_mesh_config(mesh_preset, mesh), devices)
+    except ConfigError as e:
+        wanted, seen = preset_platform(mesh_preset), devices[0].platform
+        if wanted is None or seen == wanted:
+            raise
+        kind = wanted.upper()
+        raise ConfigError(f"{e}. mesh_preset {mesh_preset!r} is for {kind}s but JAX sees {len(devices)} {seen} "
+                          f"device(s): run it where JAX sees {kind}s (on {kind} machines, "
+                          f"pip install 'xlsr-jax[{PLATFORM_EXTRAS[wanted]}]')") from None
+
+
 def check_mesh_covers(mesh_preset: str, mesh: Mapping, devices_per_slice: int, num_slices: int, where: str) -> None:
     """Raise ConfigError (before anything compiles or is created) unless the mesh spans exactly these devices.
 

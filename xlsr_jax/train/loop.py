@@ -32,7 +32,7 @@ from xlsr_jax.parallel.global_batch import to_global_batch
 from xlsr_jax.config import ConfigError, get_preset
 from xlsr_jax.models.heads import abstract_params
 from xlsr_jax.parallel.distributed import describe_job
-from xlsr_jax.parallel.mesh import build_mesh, resolve_mesh_config, validate_for_model
+from xlsr_jax.parallel.mesh import build_run_mesh, validate_for_model
 from xlsr_jax.parallel.rules import Rules, param_shardings
 from xlsr_jax.train.checkpoint import Checkpointer, is_local
 from xlsr_jax.train.executables import StepExecutables, environment_fingerprint
@@ -305,7 +305,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: epath.Path,
     model_config = model_config_from(config, workdir)
     if config.model.get("init_from") and jax.process_index() == 0 and not (workdir / INIT_CONFIG).is_file():
         (workdir / INIT_CONFIG).write_text((epath.Path(config.model.init_from) / "config.json").read_text())
-    mesh = build_mesh(resolve_mesh_config(config.mesh_preset, config.mesh))
+    mesh = build_run_mesh(config.mesh_preset, config.mesh)
     global_batch = config.data.global_batch_size
     validate_for_model(mesh, model_config, global_batch)
     if global_batch % jax.process_count():
