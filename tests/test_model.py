@@ -234,6 +234,35 @@ def test_fused_attention_call_matches_materialized_scores(monkeypatch, padded):
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, ref_grads)
 
 
+def test_remat_dots_keeps_the_fused_attention_forward(monkeypatch):
+    """Under `remat_policy=dots` the cuDNN call's output and residuals are kept (named, as splash's are),
+    so the backward pass does not run its forward again: one softmax fewer in the differentiated program
+    than with the call unnamed, and the same loss and gradients as XLA's attention under the same policy.
+    The call runs through `jax.nn.dot_product_attention`'s XLA kernel, since CPUs have no cuDNN."""
+    from xlsr_jax.models import encoder
+
+    audio, mask = _batch(n=7000)
+    config = get_preset("tiny", hidden_dropout=0.0, remat_policy="dots")
+    params = init_params(config, "ctc")
+    ref_loss, ref_grads = jax.jit(jax.value_and_grad(_ctc_loss_fn(config.replace(attention_impl="xla"), audio,
+                                                                  mask)))(params)
+    dot_product_attention = jax.nn.dot_product_attention
+    monkeypatch.setattr(encoder, "attention_kernel", lambda cfg, deterministic: "cudnn")
+    monkeypatch.setattr(jax.nn, "dot_product_attention",
+                        lambda *args, implementation=None, **kwargs: dot_product_attention(*args, **kwargs))
+
+    def softmaxes():  # a new function each time: jax reuses the trace of one it has seen
+        return str(jax.make_jaxpr(jax.value_and_grad(_ctc_loss_fn(config, audio, mask)))(params)).count(" exp ")
+
+    kept = softmaxes()
+    with monkeypatch.context() as m:
+        m.setattr(encoder, "with_named_residuals", lambda fn, name: fn)
+        assert kept < softmaxes()
+    loss, grads = jax.jit(jax.value_and_grad(_ctc_loss_fn(config, audio, mask)))(params)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, ref_grads)
+
+
 def test_splash_attention_matches_materialized_scores():
     """The TPU splash kernel's branch (frames padded to its tiles, a padded row's padding masked as keys
     through segment ids, the scale folded into q), run by Pallas' interpreter on this CPU: the XLA path's

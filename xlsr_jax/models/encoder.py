@@ -7,20 +7,21 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from xlsr_jax.config import ConfigError, Wav2Vec2Config
 from xlsr_jax.models.layers import Dense, LayerNorm, activation, conv1d, gathered, logical
 
-# The splash kernel's forward residuals (its output and softmax statistics) carry this name, so that a
-# policy which keeps the projections keeps them too instead of running the kernel's forward again.
-SPLASH_RESIDUALS = "splash_attention_residuals"
+# The fused attention kernels' forward residuals (their output and softmax statistics) carry this name, so
+# that a policy which keeps the projections keeps them too instead of running the kernel's forward again.
+FUSED_ATTENTION_RESIDUALS = "fused_attention_residuals"
 _policies = jax.checkpoint_policies
 _REMAT_POLICIES = {
     "full": _policies.nothing_saveable,
     "dots": _policies.save_from_both_policies(_policies.checkpoint_dots,
-                                              _policies.save_only_these_names(SPLASH_RESIDUALS)),
+                                              _policies.save_only_these_names(FUSED_ATTENTION_RESIDUALS)),
     "dots_no_batch": _policies.save_from_both_policies(_policies.dots_with_no_batch_dims_saveable,
-                                                       _policies.save_only_these_names(SPLASH_RESIDUALS)),
+                                                       _policies.save_only_these_names(FUSED_ATTENTION_RESIDUALS)),
 }
 
 
@@ -96,6 +97,39 @@ def attention_kernel(config: Wav2Vec2Config, deterministic: bool, platform: str 
     return "cudnn" if fits and platform == "gpu" else "xla"
 
 
+def with_named_residuals(fn, name: str):
+    """`fn(*arrays) -> array`, differentiated by its own VJP, with its output and every forward residual that
+    is not one of its inputs named `name` (`checkpoint_name`): a remat policy that saves the name keeps
+    them, and the backward pass does not run `fn`'s forward again. The inputs are left to the policy (the
+    caller's projections are saved or recomputed as it says). Integer inputs get no cotangent."""
+
+    @jax.custom_vjp
+    def call(*args):
+        return fn(*args)
+
+    def forward(*args):
+        out, pullback = jax.vjp(fn, *args)
+        named_out = checkpoint_name(out, name)
+        inputs = {id(a) for a in args}
+
+        def mark(r):
+            if r is out:
+                return named_out
+            return r if id(r) in inputs else checkpoint_name(r, name)
+
+        return named_out, jax.tree.map(mark, pullback)
+
+    def backward(pullback, g):
+        return tuple(None if ct.dtype == jax.dtypes.float0 else ct for ct in pullback(g))
+
+    call.defvjp(forward, backward)
+    return call
+
+
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
+
+
 def _mesh_axes_size(mesh, axes) -> int:
     axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
     return math.prod(mesh.shape[a] for a in axes)
@@ -127,7 +161,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Arra
         sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                                   block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
         kernel = splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes,
-                                        residual_checkpoint_name=SPLASH_RESIDUALS, interpret=interpret)
+                                        residual_checkpoint_name=FUSED_ATTENTION_RESIDUALS, interpret=interpret)
         ids = splash.SegmentIds(q=jnp.ones_like(kv_ids), kv=kv_ids)
         return jax.vmap(kernel)(q, k, v, segment_ids=ids)
 
@@ -178,8 +212,8 @@ class Attention(nn.Module):
             frames = x.shape[1]
             pad = -frames % CUDNN_FRAME_MULTIPLE
             q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
-            out = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation="cudnn")
-            out = out[:, :frames]
+            # jax's cuDNN call names no residuals: named here, `dots` keeps them as it keeps splash's.
+            out = with_named_residuals(_cudnn_attention, FUSED_ATTENTION_RESIDUALS)(q, k, v, lengths)[:, :frames]
         else:
             scores = jnp.einsum("btnd,bsnd->bnts", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
             if lengths is not None:
