@@ -369,7 +369,9 @@ def main(argv=None) -> int:
                              "starts cold and later rounds start as a restarted job does")
     parser.add_argument("--profile-top", type=int, default=0, metavar="N",
                         help="ours: after the timed steps, trace 2 more and print the kernel time per step by "
-                             "model scope and the N slowest HLO ops")
+                             "model scope and the N slowest HLO ops. The worker then runs with XLA's GPU command "
+                             "buffers (CUDA graphs) off, so that each kernel keeps its HLO op's name: on the H200 "
+                             "that made the xlsr_300m step ~6 %% slower")
     parser.add_argument("--frameworks", nargs="+", default=["ours", "torch"], choices=("ours", "torch", "flax"))
     parser.add_argument("--flax-python", metavar="PATH",
                         help="a Python with transformers 4.57.6 (the last release with Flax wav2vec2) and the same "
@@ -404,11 +406,12 @@ def main(argv=None) -> int:
         parser.error("--queue times one run of ours: --frameworks ours --rounds 1 --label NAME")
     runs: dict[str, list[dict]] = {name: [] for name in args.frameworks}
     failed: dict[str, str] = {}
-    cache_env = None
+    ours_env = {}
     if args.compile_cache:
         shutil.rmtree(args.compile_cache, ignore_errors=True)
-        cache_env = {"JAX_COMPILATION_CACHE_DIR": args.compile_cache,
-                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        ours_env = {"JAX_COMPILATION_CACHE_DIR": args.compile_cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    if args.profile_top:  # inside a command buffer a kernel is traced under the buffer's name, not its op's
+        ours_env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer=".strip()
     for r in range(args.rounds):
         for name in args.frameworks:
             if name in failed:
@@ -418,7 +421,7 @@ def main(argv=None) -> int:
                     result = _run_worker(name, passthrough, {"PYTHONPATH": os.path.dirname(os.path.dirname(
                         os.path.abspath(__file__)))}, python=args.flax_python)
                 else:
-                    result = _run_worker(name, passthrough, cache_env if name == "ours" else None)
+                    result = _run_worker(name, passthrough, ours_env if name == "ours" else None)
             except RuntimeError as e:  # out of memory, say: the other framework's row still counts
                 failed[name] = str(e)
                 if args.queue and not os.path.exists(os.path.join(args.queue, f"ready.{args.label}")):

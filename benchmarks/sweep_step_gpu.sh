@@ -20,7 +20,7 @@ if [[ -n "$list" ]]; then
   variants=$(grep -v '^\s*#' "$list" | grep -v '^\s*$')
 else
   # The presets' remat policy (dots) and no remat, scanned and unrolled layers, larger batches, and one
-  # profile: with CUDA graphs off (XLA's command buffers), so that each kernel keeps its HLO name.
+  # profile (bench_step.py runs it with CUDA graphs off, so that each kernel keeps its HLO name).
   variants="dots300|--preset xlsr_300m --batch 8 --remat dots|
 none300|--preset xlsr_300m --batch 8|
 unrolled300|--preset xlsr_300m --batch 8 --unrolled|
@@ -28,7 +28,7 @@ b32_dots300|--preset xlsr_300m --batch 32 --remat dots|
 b32_unrolled300|--preset xlsr_300m --batch 32 --unrolled|
 dots1b|--preset xlsr_1b --batch 8 --remat dots|
 b16_dots1b|--preset xlsr_1b --batch 16 --remat dots|
-prof_dots300|--preset xlsr_300m --batch 8 --remat dots --profile-top 40|--xla_gpu_enable_command_buffer="
+prof_dots300|--preset xlsr_300m --batch 8 --remat dots --profile-top 40|"
 fi
 queue=$(mktemp -d)
 n=$(grep -c . <<< "$variants")
