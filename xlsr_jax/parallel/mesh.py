@@ -53,12 +53,9 @@ def resolve_mesh_config(mesh_preset: str, mesh: Mapping) -> dict:
     return {"ici": dict(mesh.get("ici", {})), "dcn": dict(mesh.get("dcn", {})), "num_devices": mesh.get("num_devices", 0)}
 
 
-# The extra that gives JAX the devices of a preset's platform, for the hint when the devices do not fit.
-PLATFORM_EXTRAS = {"gpu": "gpu", "tpu": "tpu"}
-
-
 def preset_platform(mesh_preset: str) -> str | None:
-    """"gpu" or "tpu" for a GPU or TPU preset (`gpu-4x8`, `v5p-128`, `2x v5e-256`), None otherwise."""
+    """"gpu" or "tpu" for a GPU or TPU preset (`gpu-4x8`, `v5p-128`, `2x v5e-256`), None otherwise; the
+    package extra of the same name gives JAX that platform's devices."""
     if mesh_preset.startswith("gpu-"):
         return "gpu"
     if mesh_preset in MESH_PRESETS and mesh_preset.split()[-1].startswith("v"):
@@ -79,7 +76,7 @@ def build_run_mesh(mesh_preset: str, mesh: Mapping, devices: Sequence | None = N
         kind = wanted.upper()
         raise ConfigError(f"{e}. mesh_preset {mesh_preset!r} is for {kind}s but JAX sees {len(devices)} {seen} "
                           f"device(s): run it where JAX sees {kind}s (on {kind} machines, "
-                          f"pip install 'xlsr-jax[{PLATFORM_EXTRAS[wanted]}]')") from None
+                          f"pip install 'xlsr-jax[{wanted}]')") from None
 
 
 def check_mesh_covers(mesh_preset: str, mesh: Mapping, devices_per_slice: int, num_slices: int, where: str) -> None:
