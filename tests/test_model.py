@@ -106,10 +106,13 @@ def test_bfloat16_compute_is_finite_and_close_to_float32():
     assert rel < 0.05
 
 
-def test_sharded_forward_and_gradients_match_single_device(cpu_devices):
+def test_sharded_forward_and_gradients_match_single_device(cpu_devices, monkeypatch):
     """Params created already sharded on a (data=2, fsdp=2, tensor=2) mesh; same numbers as 1 device. The
     splash attention kernel (Pallas' interpreter here) runs per shard, batch over data+fsdp and heads over
-    tensor as the rules say, and gives the same numbers too."""
+    tensor as the rules say, and gives the same numbers too; so does the cuDNN call with its residuals named
+    under `remat_policy=dots` (through jax's XLA kernel: CPUs have no cuDNN)."""
+    from xlsr_jax.models import encoder
+
     config = get_preset("tiny")
     audio, mask = _batch(b=4)
     model = build_model(config, "ctc")
@@ -135,7 +138,16 @@ def test_sharded_forward_and_gradients_match_single_device(cpu_devices):
         jaxpr = str(jax.make_jaxpr(splash_step)(sharded, a, m))
         assert "shard_map" in jaxpr and "in_specs=(P(('data', 'fsdp'), 'tensor')" in jaxpr
         splash_loss, splash_grads = splash_step(sharded, a, m)
-    for loss, grads in ((loss, grads), (splash_loss, splash_grads)):
+        dots = config.replace(remat_policy="dots")
+        dot_product_attention = jax.nn.dot_product_attention
+        with monkeypatch.context() as patch:
+            patch.setattr(encoder, "attention_kernel", lambda cfg, deterministic: "cudnn")
+            patch.setattr(jax.nn, "dot_product_attention",
+                          lambda *args, implementation=None, **kwargs: dot_product_attention(*args, **kwargs))
+            cudnn_step = jax.jit(lambda p, a, m: jax.value_and_grad(_ctc_loss_fn(dots, a, m))(p))
+            assert encoder.FUSED_ATTENTION_RESIDUALS in str(jax.make_jaxpr(cudnn_step)(sharded, a, m))
+            cudnn_loss, cudnn_grads = cudnn_step(sharded, a, m)
+    for loss, grads in ((loss, grads), (splash_loss, splash_grads), (cudnn_loss, cudnn_grads)):
         assert abs(float(loss) - float(ref_loss)) < 1e-5
         jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), grads, ref_grads)
 
