@@ -4,6 +4,7 @@ peak memory, and the time from process start to the first step.
     python benchmarks/bench_step.py [--preset base] [--seconds 5] [--batch 4] [--dtype float32]
         [--steps 6] [--rounds 2] [--post-ln] [--remat none] [--conv-remat] [--unrolled] [--attention auto]
         [--frameworks ours torch] [--flax-python PATH] [--compile-cache DIR] [--profile-top N]
+        [--huge-pages ours|all|none]
         [--queue DIR --queue-size N --label NAME]
 
 Each framework runs in its own process (`--worker ours|torch`), the two alternating for `--rounds`, so
@@ -16,7 +17,9 @@ min-max of the steady steps, and peak RSS. On a GPU (JAX's default backend; PyTo
 available) also the device's peak allocated memory and the MFU: the analytic model FLOPs of
 `xlsr_jax.train.metrics.train_flops_per_step`, the same for both frameworks, over the median step time
 and the chip's peak bf16 FLOP/s. Prints a table with the medians over rounds and the ratios, then one
-JSON line. Needs the `torch` extra for the PyTorch side. With `--flax-python PATH` (a Python with
+JSON line. Our worker runs with glibc's malloc asking for transparent huge pages, as the `xlsr-jax`
+command runs (xlsr_jax/host_memory.py); `--huge-pages all` gives every framework's worker the same,
+`none` none. Needs the `torch` extra for the PyTorch side. With `--flax-python PATH` (a Python with
 transformers 4.57.6 and this machine's jax) also Hugging Face's `FlaxWav2Vec2ForPreTraining`, with
 wav2vec 2.0's loss written here (the Flax model has none) and optax's AdamW. With `--queue`, several
 runs of ours share one device: they compile side by side and are timed one at a time
@@ -341,6 +344,16 @@ def worker_flax(args) -> dict:
             "peak_flops": device_peak_flops(device), "transformers": transformers.__version__}
 
 
+def _malloc_env(huge: bool) -> dict[str, str]:
+    """A worker's GLIBC_TUNABLES: malloc asking for huge pages as the `xlsr-jax` command does, or glibc's default."""
+    from xlsr_jax.host_memory import HUGETLB_TUNABLE, glibc_version, huge_pages_env, thp_mode
+
+    if HUGETLB_TUNABLE in os.environ.get("GLIBC_TUNABLES", ""):
+        return {}  # set by hand: every worker runs under it
+    env = huge_pages_env(dict(os.environ), glibc_version(), thp_mode()) if huge else None
+    return {"GLIBC_TUNABLES": env["GLIBC_TUNABLES"]} if env else {}
+
+
 def _run_worker(name: str, argv: list[str], env: dict | None = None, python: str = sys.executable) -> dict:
     proc = subprocess.run([python, __file__, "--worker", name, *argv], capture_output=True, text=True,
                           env={**os.environ, **(env or {})})
@@ -372,6 +385,9 @@ def main(argv=None) -> int:
                              "model scope and the N slowest HLO ops. The worker then runs with XLA's GPU command "
                              "buffers (CUDA graphs) off, so that each kernel keeps its HLO op's name: on the H200 "
                              "that made the xlsr_300m step ~6 %% slower")
+    parser.add_argument("--huge-pages", default="ours", choices=("ours", "all", "none"),
+                        help="which workers run with glibc's malloc asking for transparent huge pages: ours, as "
+                             "the xlsr-jax command runs (xlsr_jax/host_memory.py), every framework's, or none")
     parser.add_argument("--frameworks", nargs="+", default=["ours", "torch"], choices=("ours", "torch", "flax"))
     parser.add_argument("--flax-python", metavar="PATH",
                         help="a Python with transformers 4.57.6 (the last release with Flax wav2vec2) and the same "
@@ -406,10 +422,11 @@ def main(argv=None) -> int:
         parser.error("--queue times one run of ours: --frameworks ours --rounds 1 --label NAME")
     runs: dict[str, list[dict]] = {name: [] for name in args.frameworks}
     failed: dict[str, str] = {}
-    ours_env = {}
+    ours_env = _malloc_env(args.huge_pages != "none")
+    peer_env = _malloc_env(args.huge_pages == "all")
     if args.compile_cache:
         shutil.rmtree(args.compile_cache, ignore_errors=True)
-        ours_env = {"JAX_COMPILATION_CACHE_DIR": args.compile_cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        ours_env |= {"JAX_COMPILATION_CACHE_DIR": args.compile_cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     if args.profile_top:  # inside a command buffer a kernel is traced under the buffer's name, not its op's
         ours_env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_command_buffer=".strip()
     for r in range(args.rounds):
@@ -418,10 +435,10 @@ def main(argv=None) -> int:
                 continue
             try:
                 if name == "flax":  # our config and batch code from this checkout, in the other Python
-                    result = _run_worker(name, passthrough, {"PYTHONPATH": os.path.dirname(os.path.dirname(
-                        os.path.abspath(__file__)))}, python=args.flax_python)
+                    result = _run_worker(name, passthrough, {**peer_env, "PYTHONPATH": os.path.dirname(
+                        os.path.dirname(os.path.abspath(__file__)))}, python=args.flax_python)
                 else:
-                    result = _run_worker(name, passthrough, ours_env if name == "ours" else None)
+                    result = _run_worker(name, passthrough, ours_env if name == "ours" else peer_env)
             except RuntimeError as e:  # out of memory, say: the other framework's row still counts
                 failed[name] = str(e)
                 if args.queue and not os.path.exists(os.path.join(args.queue, f"ready.{args.label}")):
@@ -450,6 +467,8 @@ def main(argv=None) -> int:
             "compile_s": statistics.median(res["compile_s"] for res in results),
             "first_step_s": statistics.median(res["first_step_s"] for res in results),
             "rounds": [{k: v for k, v in res.items()} for res in results],
+            "huge_pages": "hugetlb=1" in {**os.environ, **(ours_env if name == "ours" else peer_env)}.get(
+                "GLIBC_TUNABLES", ""),
         }
     on_device = any(row["device_peak_gib"] is not None for row in rows.values())
     memory = "device peak GiB" if on_device else "peak RSS GiB"
@@ -458,7 +477,8 @@ def main(argv=None) -> int:
     kernel = runs["ours"][0]["attention"] if runs.get("ours") else "-"
     print(f"{args.label + ': ' if args.label else ''}{args.preset}, {args.batch} x {args.seconds:g} s, {args.dtype}, remat {args.remat}"
           f"{' + conv_remat' if args.conv_remat else ''}{', unrolled' if args.unrolled else ''}, our attention {kernel}, on "
-          f"{', '.join(sorted({str(row['device']) for row in rows.values()}))}")
+          f"{', '.join(sorted({str(row['device']) for row in rows.values()}))}; malloc with huge pages: "
+          f"{', '.join(name for name in rows if rows[name]['huge_pages']) or 'none'}")
     print(header)
     print("-" * len(header))
     for name, row in rows.items():

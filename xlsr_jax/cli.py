@@ -11,6 +11,7 @@ import traceback
 from data_pipelines.errors import UserError
 from data_pipelines.ingest.layouts import LAYOUTS
 from xlsr_jax.config import HEADS, PRESETS, ConfigError
+from xlsr_jax.host_memory import reexec_with_huge_pages
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -478,5 +479,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def console_main() -> int:
+    """The `xlsr-jax` console script: `main`, in a process whose malloc asks for huge pages (`xlsr_jax.host_memory`)."""
+    reexec_with_huge_pages()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())
