@@ -152,6 +152,46 @@ def test_sharded_forward_and_gradients_match_single_device(cpu_devices, monkeypa
         jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), grads, ref_grads)
 
 
+@pytest.mark.parametrize("kernel,groups,frames", [(16, 4, 50), (7, 2, 33), (12, 3, 20), (128, 16, 249)])
+def test_tap_weight_grad_is_the_grouped_conv_weight_gradient(kernel, groups, frames):
+    """The CPU path's weight gradient (matmuls over taps, 8 at a time, the last steps padded when the kernel is
+    no multiple of 8) equals autodiff through the per-group convs; the input gradient is autodiff's too."""
+    from xlsr_jax.models.encoder import grouped_time_conv
+
+    channels = groups * 8
+    rng = np.random.default_rng(kernel)
+    x = jnp.asarray(rng.standard_normal((3, frames, channels)), jnp.float32)
+    weight = jnp.asarray(rng.standard_normal((kernel, channels // groups, channels)) / kernel, jnp.float32)
+    out, native = jax.vjp(lambda x, w: grouped_time_conv(x, w, groups, kernel // 2, "gpu"), x, weight)
+    dy = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+    cpu_out, cpu = jax.vjp(lambda x, w: grouped_time_conv(x, w, groups, kernel // 2, "cpu"), x, weight)
+    np.testing.assert_array_equal(cpu_out, out)
+    (dx, dw), (cpu_dx, cpu_dw) = native(dy), cpu(dy)
+    np.testing.assert_array_equal(cpu_dx, dx)
+    scale = float(jnp.max(jnp.abs(dw)))
+    np.testing.assert_allclose(cpu_dw, dw, rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_the_cpu_positional_conv_gives_the_models_gradients(monkeypatch):
+    """The tiny model's loss and gradients with the CPU path of the positional conv equal XLA's autodiff, and
+    the differentiated model has one conv fewer per group: the weight gradients are matmuls."""
+    from xlsr_jax.models import encoder
+
+    config = get_preset("tiny")
+    audio, mask = _batch()
+    params = init_params(config, "ctc")
+    grad_fn = jax.jit(jax.value_and_grad(_ctc_loss_fn(config, audio, mask)))
+    convs = grad_fn.lower(params).compile().as_text().count(" convolution(")
+    loss, grads = grad_fn(params)
+    native = encoder.grouped_time_conv
+    monkeypatch.setattr(encoder, "grouped_time_conv", lambda x, w, g, p, platform: native(x, w, g, p, "gpu"))
+    ref_fn = jax.jit(jax.value_and_grad(_ctc_loss_fn(config, audio, mask)))
+    assert ref_fn.lower(params).compile().as_text().count(" convolution(") == convs + 4  # tiny: 4 groups
+    ref_loss, ref_grads = ref_fn(params)
+    assert float(loss) == float(ref_loss)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), grads, ref_grads)
+
+
 def test_dropout_and_layerdrop_only_in_training():
     audio, mask = _batch()
     config = get_preset("tiny", layerdrop=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -25,6 +26,76 @@ _REMAT_POLICIES = {
 }
 
 
+# On a CPU the positional conv's weight gradient is computed this many kernel taps at a time.
+POS_CONV_WEIGHT_GRAD_TAPS = 8
+
+
+def _group_convs(x: jax.Array, weight: jax.Array, groups: int, padding: int) -> jax.Array:
+    cin, cout = x.shape[-1] // groups, weight.shape[-1] // groups
+    return jnp.concatenate(
+        [
+            conv1d(x[..., i * cin : (i + 1) * cin], weight[..., i * cout : (i + 1) * cout],
+                   padding=[(padding, padding)])
+            for i in range(groups)
+        ],
+        axis=-1,
+    )  # fmt: skip
+
+
+def tap_weight_grad(x: jax.Array, dy: jax.Array, kernel: int, groups: int, padding: int) -> jax.Array:
+    """The gradient [kernel, C / groups, C] of a grouped time conv's weight, given its input x [B, T, C] and the
+    gradient dy [B, T', C] of its output: for each tap k, the sum over batch and time of x shifted by k times dy,
+    per group. A scan over `POS_CONV_WEIGHT_GRAD_TAPS` taps at a time, each step one batched matmul."""
+    batch, _, channels = x.shape
+    frames, per_group, taps = dy.shape[1], channels // groups, POS_CONV_WEIGHT_GRAD_TAPS
+    steps = -(-kernel // taps)
+    padded = jnp.pad(x, ((0, 0), (padding, padding + steps * taps - kernel), (0, 0)))
+    padded = padded.reshape(batch, -1, groups, per_group)
+    dy = dy.reshape(batch, frames, groups, per_group)
+
+    def step(_, first):
+        index = jnp.arange(frames)[:, None] + first + jnp.arange(taps)[None, :]
+        shifted = jnp.take(padded, index, axis=1, mode="clip")  # [B, T', taps, groups, C / groups]
+        return None, jnp.einsum("btkgc,btgd->kcgd", shifted, dy, preferred_element_type=jnp.float32)
+
+    _, grad = jax.lax.scan(step, None, jnp.arange(steps) * taps)
+    return grad.reshape(steps * taps, per_group, channels)[:kernel]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _group_convs_tap_weight_grad(x: jax.Array, weight: jax.Array, groups: int, padding: int) -> jax.Array:
+    return _group_convs(x, weight, groups, padding)
+
+
+def _group_convs_forward(x, weight, groups, padding):
+    return _group_convs(x, weight, groups, padding), (x, weight)
+
+
+def _group_convs_backward(groups, padding, residuals, dy):
+    x, weight = residuals
+    _, input_grad = jax.vjp(lambda x: _group_convs(x, weight, groups, padding), x)
+    weight_grad = tap_weight_grad(x, dy, weight.shape[0], groups, padding)
+    return input_grad(dy)[0], weight_grad.astype(weight.dtype)
+
+
+_group_convs_tap_weight_grad.defvjp(_group_convs_forward, _group_convs_backward)
+
+
+def grouped_time_conv(x: jax.Array, weight: jax.Array, groups: int, padding: int, platform: str) -> jax.Array:
+    """x [B, T, C] convolved over time with weight [K, C / groups, C] in `groups` groups, `padding` frames of
+    zeros on each side, as one ungrouped conv per group.
+
+    Not `feature_group_count`: under SPMD with a batch-sharded input and a replicated mesh axis, XLA (jax
+    0.10.2) multiplies the grouped conv's weight gradient by that axis' size (caught by
+    test_sharded_forward_and_gradients_match_single_device). On a CPU, XLA computes each group's weight
+    gradient as a convolution whose window is the whole time axis, which took a third of the base model's
+    train step there; on a CPU the weight gradient is `tap_weight_grad`'s matmuls instead (BENCHMARKS.md).
+    """
+    if platform == "cpu":
+        return _group_convs_tap_weight_grad(x, weight, groups, padding)
+    return _group_convs(x, weight, groups, padding)
+
+
 class PositionalConvEmbedding(nn.Module):
     """Grouped conv over time with weight norm over the kernel axis (PyTorch weight_norm, dim=2)."""
 
@@ -45,20 +116,9 @@ class PositionalConvEmbedding(nn.Module):
         )
         bias = self.param("bias", logical(nn.initializers.zeros, ("embed",)), (hidden,))
         weight = v * (g / jnp.sqrt(jnp.sum(v * v, axis=(1, 2))))[:, None, None]
-        # One ungrouped conv per group instead of feature_group_count: under SPMD with a batch-sharded
-        # input and a replicated mesh axis, XLA (jax 0.10.2) multiplies the grouped conv's weight
-        # gradient by that axis' size (caught by test_sharded_forward_and_gradients_match_single_device).
         x = x.astype(dtype)
         weight = gathered(weight.astype(dtype))
-        cin, cout = hidden // groups, hidden // groups
-        y = jnp.concatenate(
-            [
-                conv1d(x[..., i * cin : (i + 1) * cin], weight[..., i * cout : (i + 1) * cout],
-                       padding=[(k // 2, k // 2)])
-                for i in range(groups)
-            ],
-            axis=-1,
-        )  # fmt: skip
+        y = grouped_time_conv(x, weight, groups, k // 2, target_platform())
         if k % 2 == 0:  # "same" padding with an even kernel yields one extra frame: drop it
             y = y[:, :-1]
         return activation(cfg.feat_extract_activation)(y + bias.astype(dtype))
