@@ -5,15 +5,15 @@ On a CPU, XLA's runtime allocates each execution's scratch memory (3.4 GiB for t
 it when the execution ends, so every step faults its scratch memory in again, 4 KiB at a time:
 about a million page faults and 2 s of kernel time in a 6 s step on the CI machine. glibc's
 `glibc.malloc.hugetlb=1` tunable (glibc 2.35 and later) makes malloc ask for transparent huge pages
-(`madvise(MADV_HUGEPAGE)`) for the memory it maps, so the same memory faults in 2 MiB at a time; the
-step measured 16 % faster (BENCHMARKS.md). Kernels whose transparent huge pages are in `madvise`
-mode (Debian's and Ubuntu's default) give huge pages only to memory asked for this way.
+(`madvise(MADV_HUGEPAGE)`) for the memory it maps, so the same memory faults in 2 MiB at a time: the
+step measured 14 % faster, 25 % at 20 s crops (BENCHMARKS.md). A kernel whose transparent huge pages
+are in `madvise` mode (the CI machine's) gives huge pages only to memory asked for this way.
 
 glibc reads its tunables once, when the process starts, so `reexec_with_huge_pages` starts the
 command again in the same process (same PID, same arguments) with the tunable added to
-`GLIBC_TUNABLES`. It does nothing off glibc, when the kernel's mode is not `madvise`, and when
+`GLIBC_TUNABLES`. It does nothing off glibc, when the kernel's mode is not `madvise`, when
 `GLIBC_TUNABLES` already sets `glibc.malloc.hugetlb` (so `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`
-turns it off).
+turns it off), and in the process it started (`REEXEC_MARKER`).
 """
 
 from __future__ import annotations
