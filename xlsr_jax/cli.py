@@ -446,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `xlsr-jax` console script."""
+    """Run one `xlsr-jax` command in this process (the console script is `console_main`)."""
     # `--config.a.b=value` overrides are not argparse options: split them off first.
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [a for a in argv if a.startswith("--config.")]
