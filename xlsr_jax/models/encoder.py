@@ -45,7 +45,9 @@ def _group_convs(x: jax.Array, weight: jax.Array, groups: int, padding: int) -> 
 def tap_weight_grad(x: jax.Array, dy: jax.Array, kernel: int, groups: int, padding: int) -> jax.Array:
     """The gradient [kernel, C / groups, C] of a grouped time conv's weight, given its input x [B, T, C] and the
     gradient dy [B, T', C] of its output: for each tap k, the sum over batch and time of x shifted by k times dy,
-    per group. A scan over `POS_CONV_WEIGHT_GRAD_TAPS` taps at a time, each step one batched matmul."""
+    per group. A scan over `POS_CONV_WEIGHT_GRAD_TAPS` taps at a time, each step one batched matmul per row;
+    the rows are summed after the scan, so that a batch split across devices adds one all-reduce, not one
+    per scan step."""
     batch, _, channels = x.shape
     frames, per_group, taps = dy.shape[1], channels // groups, POS_CONV_WEIGHT_GRAD_TAPS
     steps = -(-kernel // taps)
@@ -56,10 +58,10 @@ def tap_weight_grad(x: jax.Array, dy: jax.Array, kernel: int, groups: int, paddi
     def step(_, first):
         index = jnp.arange(frames)[:, None] + first + jnp.arange(taps)[None, :]
         shifted = jnp.take(padded, index, axis=1, mode="clip")  # [B, T', taps, groups, C / groups]
-        return None, jnp.einsum("btkgc,btgd->kcgd", shifted, dy, preferred_element_type=jnp.float32)
+        return None, jnp.einsum("btkgc,btgd->bkcgd", shifted, dy, preferred_element_type=jnp.float32)
 
-    _, grad = jax.lax.scan(step, None, jnp.arange(steps) * taps)
-    return grad.reshape(steps * taps, per_group, channels)[:kernel]
+    _, grad = jax.lax.scan(step, None, jnp.arange(steps) * taps)  # [steps, B, taps, C / groups, groups, C / groups]
+    return grad.sum(axis=1).reshape(steps * taps, per_group, channels)[:kernel]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -89,7 +91,7 @@ def grouped_time_conv(x: jax.Array, weight: jax.Array, groups: int, padding: int
     0.10.2) multiplies the grouped conv's weight gradient by that axis' size (caught by
     test_sharded_forward_and_gradients_match_single_device). On a CPU, XLA computes each group's weight
     gradient as a convolution whose window is the whole time axis, which took a third of the base model's
-    train step there; on a CPU the weight gradient is `tap_weight_grad`'s matmuls instead (BENCHMARKS.md).
+    train step; there the weight gradient is `tap_weight_grad`'s matmuls instead (BENCHMARKS.md).
     """
     if platform == "cpu":
         return _group_convs_tap_weight_grad(x, weight, groups, padding)
