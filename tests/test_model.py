@@ -172,6 +172,26 @@ def test_tap_weight_grad_is_the_grouped_conv_weight_gradient(kernel, groups, fra
     np.testing.assert_allclose(cpu_dw, dw, rtol=1e-5, atol=1e-6 * scale)
 
 
+def test_the_cpu_weight_gradient_of_a_split_batch_all_reduces_once_outside_its_loop(cpu_devices):
+    """With the batch split over 8 devices, the taps' scan adds partial sums per device and one all-reduce
+    after the loop sums them: none inside the loop, where it would run once per scan step."""
+    import re
+
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from xlsr_jax.models.encoder import grouped_time_conv
+
+    mesh = Mesh(np.array(cpu_devices), ("data",))
+    x = jax.device_put(jnp.ones((8, 40, 32)), NamedSharding(mesh, PartitionSpec("data")))
+    weight = jax.device_put(jnp.full((16, 8, 32), 0.01), NamedSharding(mesh, PartitionSpec()))
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(grouped_time_conv(x, w, 4, 8, "cpu") ** 2), argnums=1))
+    computations = re.split(r"\n(?=\S)", grad.lower(x, weight).compile().as_text())
+    reduces = {c.split("(")[0]: c.count(" all-reduce(") for c in computations if " all-reduce(" in c}
+    assert list(reduces.values()) == [1] and next(iter(reduces)).startswith("ENTRY"), reduces
+    single = jax.jit(jax.grad(lambda x, w: jnp.sum(grouped_time_conv(x, w, 4, 8, "cpu") ** 2), argnums=1))
+    np.testing.assert_allclose(grad(x, weight), single(np.ones((8, 40, 32)), np.full((16, 8, 32), 0.01)), rtol=1e-6)
+
+
 def test_the_cpu_positional_conv_gives_the_models_gradients(monkeypatch):
     """The tiny model's loss and gradients with the CPU path of the positional conv equal XLA's autodiff, and
     the differentiated model has one conv fewer per group: the weight gradients are matmuls."""
