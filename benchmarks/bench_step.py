@@ -2,7 +2,8 @@
 peak memory, and the time from process start to the first step.
 
     python benchmarks/bench_step.py [--preset base] [--seconds 5] [--batch 4] [--dtype float32]
-        [--steps 6] [--rounds 2] [--post-ln] [--remat none] [--conv-remat] [--unrolled] [--attention auto]
+        [--steps 6] [--rounds 2] [--post-ln] [--remat none] [--conv-remat] [--no-norm-act-remat]
+        [--unrolled] [--attention auto]
         [--frameworks ours torch] [--flax-python PATH] [--compile-cache DIR] [--profile-top N]
         [--huge-pages ours|all|none]
         [--queue DIR --queue-size N --label NAME]
@@ -64,7 +65,8 @@ def _config(args):
 
     arch = {} if args.post_ln else {"do_stable_layer_norm": True, "feat_extract_norm": "layer", "conv_bias": True}
     return get_preset(args.preset, **arch, dtype=args.dtype, remat_policy=args.remat, scan_layers=not args.unrolled,
-                      conv_remat=args.conv_remat, attention_impl=args.attention,
+                      conv_remat=args.conv_remat, norm_act_remat=not args.no_norm_act_remat,
+                      attention_impl=args.attention,
                       hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
                       layerdrop=0.0, mask_time_prob=0.65)
 
@@ -372,6 +374,9 @@ def main(argv=None) -> int:
     parser.add_argument("--remat", default="none")
     parser.add_argument("--conv-remat", action="store_true", help="ours: conv_remat (the conv encoder's norms and "
                         "activations recomputed in the backward pass)")
+    parser.add_argument("--no-norm-act-remat", action="store_true",
+                        help="ours: norm_act_remat=False (autodiff keeps the norms' and activations' "
+                             "intermediates)")
     parser.add_argument("--attention", default="auto", help="ours: attention_impl (auto, xla, cudnn)")
     parser.add_argument("--unrolled", action="store_true", help="our layers unrolled instead of nn.scan")
     parser.add_argument("--post-ln", action="store_true", help="the original base model (post-LN, group norm)")
@@ -416,6 +421,7 @@ def main(argv=None) -> int:
                    f"--profile-top={args.profile_top}", f"--attention={args.attention}",
                    *(["--unrolled"] if args.unrolled else []), *(["--post-ln"] if args.post_ln else []),
                    *(["--conv-remat"] if args.conv_remat else []),
+                   *(["--no-norm-act-remat"] if args.no_norm_act_remat else []),
                    *([f"--queue={args.queue}", f"--queue-size={args.queue_size}", f"--label={args.label}"]
                      if args.queue else [])]
     if args.queue and (args.frameworks != ["ours"] or args.rounds != 1 or not args.label):
@@ -476,7 +482,9 @@ def main(argv=None) -> int:
              f"{'compile s':>9} {'first step s':>12} {'start->1st step s':>17}"
     kernel = runs["ours"][0]["attention"] if runs.get("ours") else "-"
     print(f"{args.label + ': ' if args.label else ''}{args.preset}, {args.batch} x {args.seconds:g} s, {args.dtype}, remat {args.remat}"
-          f"{' + conv_remat' if args.conv_remat else ''}{', unrolled' if args.unrolled else ''}, our attention {kernel}, on "
+          f"{' + conv_remat' if args.conv_remat else ''}"
+          f"{', no norm_act_remat' if args.no_norm_act_remat else ''}"
+          f"{', unrolled' if args.unrolled else ''}, our attention {kernel}, on "
           f"{', '.join(sorted({str(row['device']) for row in rows.values()}))}; malloc with huge pages: "
           f"{', '.join(name for name in rows if rows[name]['huge_pages']) or 'none'}")
     print(header)

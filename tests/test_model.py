@@ -75,14 +75,45 @@ def test_conv_remat_keeps_params_and_gradients_and_saves_the_conv_activations(no
     assert abs(float(loss) - float(ref_loss)) < 1e-6
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
     # What the backward pass keeps: the compiled program's scratch memory at a 4 s crop, where the
-    # conv encoder's activations are most of it.
+    # conv encoder's activations are most of it. Autodiff's own intermediates (norm_act_remat off) show it.
+    temps = {remat: _long_crop_temps(base.replace(conv_remat=remat, norm_act_remat=False), params)
+             for remat in (False, True)}
+    assert temps[False] - temps[True] > _FIRST_CONV, temps
+
+
+# One float32 [2, frames of conv layer 0, channels] tensor of the "tiny" preset at a 4 s crop.
+_FIRST_CONV = 2 * 12799 * get_preset("tiny").conv_dim[0] * 4
+
+
+def _long_crop_temps(config, params) -> int:
+    """The compiled gradient's scratch bytes at 2 x 4 s crops."""
     long_audio, long_mask = jnp.zeros((2, 64000)), jnp.ones((2, 64000), jnp.int32)
-    temps = {}
-    for remat in (False, True):
-        fn = jax.jit(jax.grad(_ctc_loss_fn(base.replace(conv_remat=remat), long_audio, long_mask)))
-        temps[remat] = fn.lower(params).compile().memory_analysis().temp_size_in_bytes
-    first_conv = 2 * 12799 * base.conv_dim[0] * 4  # one float32 [2, frames of conv layer 0, channels] tensor
-    assert temps[False] - temps[True] > first_conv, temps
+    fn = jax.jit(jax.grad(_ctc_loss_fn(config, long_audio, long_mask)))
+    return fn.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_norm_act_remat_keeps_gradients_and_keeps_only_the_inputs_of_norms_and_activations(no_remat):
+    audio, mask, base, params, ref_loss, ref_grads = no_remat
+    assert base.norm_act_remat  # the default
+    off = base.replace(norm_act_remat=False)
+    loss, grads = jax.jit(jax.value_and_grad(_ctc_loss_fn(off, audio, mask)))(params)
+    assert abs(float(loss) - float(ref_loss)) < 1e-6
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), grads, ref_grads)
+    # Autodiff keeps the GELU's erfc and exp and the LayerNorm's centred and normalized inputs of each conv
+    # layer: at the first conv layer alone, 4 tensors more than the layer's input.
+    saved = _long_crop_temps(off, params) - _long_crop_temps(base, params)
+    assert saved > 4 * _FIRST_CONV, saved
+
+
+def test_the_attention_keeps_one_probability_tensor_per_layer(capsys):
+    """The softmax's derivative needs only its output; JAX's default derivative keeps the exponentials too."""
+    audio, mask = _batch()
+    config = get_preset("tiny", scan_layers=False)
+    params = init_params(config, "ctc")
+    jax.ad_checkpoint.print_saved_residuals(_ctc_loss_fn(config, audio, mask), params)
+    frames = config.num_frames(audio.shape[1])
+    probs = [line for line in capsys.readouterr().out.splitlines() if f",{frames},{frames}]" in line]
+    assert len(probs) == config.num_hidden_layers, probs
 
 
 def test_scan_and_unrolled_have_the_same_gradients():

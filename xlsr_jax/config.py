@@ -100,8 +100,12 @@ class Wav2Vec2Config:
     scan_layers: bool = True  # nn.scan over the transformer layers (fast compile) or unrolled
     remat_policy: str = "none"  # rematerialization of each transformer layer, see REMAT_POLICIES
     # Rematerialize the conv feature encoder's norms and activations in the backward pass, keeping each
-    # layer's input and conv output (its activations dominate the step's memory at long crops).
+    # layer's input and conv output (its activations dominate the step's memory at long crops). With
+    # `norm_act_remat` it drops only each conv layer's GELU input.
     conv_remat: bool = False
+    # Keep only the inputs of each norm and activation (GELU, LayerNorm) for the backward pass and recompute
+    # their internals there, as PyTorch's kernels do; autodiff would keep 2-3 intermediates of each.
+    norm_act_remat: bool = True
     attention_impl: str = "auto"  # see ATTENTION_IMPLS
     # fairseq's feature_grad_mult: gradient scale into the conv encoder (0 freezes it).
     feature_grad_mult: float = 1.0
@@ -253,7 +257,8 @@ class Wav2Vec2Config:
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu", "swish", "silu")
 
-_OURS = ("dtype", "scan_layers", "remat_policy", "conv_remat", "attention_impl", "feature_grad_mult", "do_normalize")
+_OURS = ("dtype", "scan_layers", "remat_policy", "conv_remat", "norm_act_remat", "attention_impl",
+         "feature_grad_mult", "do_normalize")
 _HF_BOOKKEEPING_KEYS = frozenset(
     {
         "architectures", "model_type", "transformers_version", "torch_dtype", "dtype_hf",

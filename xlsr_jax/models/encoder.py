@@ -123,7 +123,7 @@ class PositionalConvEmbedding(nn.Module):
         y = grouped_time_conv(x, weight, groups, k // 2, target_platform())
         if k % 2 == 0:  # "same" padding with an even kernel yields one extra frame: drop it
             y = y[:, :-1]
-        return activation(cfg.feat_extract_activation)(y + bias.astype(dtype))
+        return activation(cfg.feat_extract_activation, cfg.norm_act_remat)(y + bias.astype(dtype))
 
 
 CUDNN_FRAME_MULTIPLE = 8  # frames padded to this for cuDNN attention
@@ -281,7 +281,9 @@ class Attention(nn.Module):
             if lengths is not None:
                 valid = jnp.arange(k.shape[1]) < lengths[:, None]
                 scores = scores + jnp.where(valid, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
-            probs = jax.nn.softmax(scores, axis=-1)
+            # This softmax's derivative keeps only its output (JAX's default one keeps the exponentials too).
+            with jax.softmax_custom_jvp(True):
+                probs = jax.nn.softmax(scores, axis=-1)
             probs = nn.Dropout(cfg.attention_dropout)(probs, deterministic=self.deterministic)
             out = jnp.einsum("bnts,bsnd->btnd", probs.astype(dtype), v)
         return Dense(cfg.hidden_size, ("heads", "kv", "embed"), in_axes=2, dtype=dtype, name="out_proj")(out)
@@ -297,7 +299,7 @@ class FeedForward(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         h = Dense(cfg.intermediate_size, ("embed", "mlp"), dtype=dtype, name="intermediate_dense")(x)
         h = nn.with_logical_constraint(h, ("batch", "frames", "act_mlp"))
-        h = activation(cfg.hidden_act)(h)
+        h = activation(cfg.hidden_act, cfg.norm_act_remat)(h)
         h = nn.Dropout(cfg.activation_dropout)(h, deterministic=self.deterministic)
         h = Dense(cfg.hidden_size, ("mlp", "embed"), dtype=dtype, name="output_dense")(h)
         return nn.Dropout(cfg.hidden_dropout)(h, deterministic=self.deterministic)
@@ -322,8 +324,10 @@ class EncoderLayer(nn.Module):
         inputs = x
         attention = Attention(cfg, det, name="attention")
         feed_forward = FeedForward(cfg, det, name="feed_forward")
-        layer_norm = LayerNorm("embed", cfg.layer_norm_eps, dtype, name="layer_norm")
-        final_layer_norm = LayerNorm("embed", cfg.layer_norm_eps, dtype, name="final_layer_norm")
+        recompute = cfg.norm_act_remat
+        layer_norm = LayerNorm("embed", cfg.layer_norm_eps, dtype, recompute=recompute, name="layer_norm")
+        final_layer_norm = LayerNorm("embed", cfg.layer_norm_eps, dtype, recompute=recompute,
+                                     name="final_layer_norm")
         dropout = nn.Dropout(cfg.hidden_dropout)
         if cfg.do_stable_layer_norm:
             x = x + dropout(attention(layer_norm(x), lengths), deterministic=det)
@@ -365,7 +369,8 @@ class Encoder(nn.Module):
             lengths = mask.sum(-1, dtype=jnp.int32)
         x = x + PositionalConvEmbedding(cfg, name="pos_conv_embed")(x)
         if not cfg.do_stable_layer_norm:
-            x = LayerNorm("embed", cfg.layer_norm_eps, dtype, name="layer_norm")(x)
+            x = LayerNorm("embed", cfg.layer_norm_eps, dtype, recompute=cfg.norm_act_remat,
+                          name="layer_norm")(x)
         x = nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
         x = nn.with_logical_constraint(x.astype(dtype), ("batch", "frames", "act_embed"))
 
@@ -392,5 +397,6 @@ class Encoder(nn.Module):
         if output_hidden_states:
             hidden_states.append(x)
         if cfg.do_stable_layer_norm:
-            x = LayerNorm("embed", cfg.layer_norm_eps, dtype, name="layer_norm")(x)
+            x = LayerNorm("embed", cfg.layer_norm_eps, dtype, recompute=cfg.norm_act_remat,
+                          name="layer_norm")(x)
         return x, hidden_states

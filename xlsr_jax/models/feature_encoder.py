@@ -45,10 +45,12 @@ class ConvLayer(nn.Module):
         x = checkpoint_name(x, CONV_OUTPUT)
         if cfg.feat_extract_norm == "layer":
             # PyTorch's LayerNorm default eps here, not config.layer_norm_eps (as in Hugging Face).
-            x = LayerNorm("conv_out", epsilon=1e-5, dtype=dtype, name="layer_norm")(x)
+            x = LayerNorm("conv_out", epsilon=1e-5, dtype=dtype, recompute=cfg.norm_act_remat,
+                          name="layer_norm")(x)
         elif self.layer_id == 0:
-            x = LayerNorm("conv_out", epsilon=1e-5, dtype=dtype, reduce_axis=-2, name="layer_norm")(x)
-        return activation(cfg.feat_extract_activation)(x)
+            x = LayerNorm("conv_out", epsilon=1e-5, dtype=dtype, reduce_axis=-2, recompute=cfg.norm_act_remat,
+                          name="layer_norm")(x)
+        return activation(cfg.feat_extract_activation, cfg.norm_act_remat)(x)
 
 
 class FeatureEncoder(nn.Module):
@@ -82,7 +84,8 @@ class FeatureProjection(nn.Module):
     def __call__(self, features: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        norm = LayerNorm("conv_out", epsilon=cfg.layer_norm_eps, dtype=dtype, name="layer_norm")(features)
+        norm = LayerNorm("conv_out", epsilon=cfg.layer_norm_eps, dtype=dtype, recompute=cfg.norm_act_remat,
+                         name="layer_norm")(features)
         init = torch_linear_uniform(features.shape[-1])
         hidden = Dense(
             cfg.hidden_size, ("conv_out", "embed"), dtype=dtype, kernel_init=init, bias_init=init, name="projection"

@@ -42,15 +42,19 @@ def torch_linear_uniform(fan_in: int) -> Callable:
     return init
 
 
-def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """Hugging Face ACT2FN semantics: "gelu" is the exact (erf) GELU."""
-    return {
+def activation(name: str, recompute: bool = False) -> Callable[[jax.Array], jax.Array]:
+    """Hugging Face ACT2FN semantics: "gelu" is the exact (erf) GELU.
+
+    With `recompute` the backward pass keeps only the activation's input and recomputes the rest from it.
+    """
+    fn = {
         "gelu": functools.partial(jax.nn.gelu, approximate=False),
         "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
         "relu": jax.nn.relu,
         "swish": jax.nn.silu,
         "silu": jax.nn.silu,
     }[name]
+    return jax.checkpoint(fn) if recompute else fn
 
 
 class Dense(nn.Module):
@@ -92,23 +96,29 @@ class LayerNorm(nn.Module):
 
     PyTorch semantics (biased variance). `reduce_axis=-1` is LayerNorm; `reduce_axis=-2` on [B, T, C]
     is GroupNorm with one group per channel (each channel normalized over time, wav2vec 2.0 base).
+    With `recompute` the backward pass keeps only the input and recomputes the statistics from it.
     """
 
     axis_name: str | None
     epsilon: float = 1e-5
     dtype: jnp.dtype = jnp.float32
     reduce_axis: int = -1
+    recompute: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         features = x.shape[-1]
         scale = self.param("scale", logical(nn.initializers.ones, (self.axis_name,)), (features,))
         bias = self.param("bias", logical(nn.initializers.zeros, (self.axis_name,)), (features,))
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(self.reduce_axis, keepdims=True)
-        var = jnp.square(x32 - mean).mean(self.reduce_axis, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-        return y.astype(self.dtype)
+
+        def normalize(x, scale, bias):
+            x32 = x.astype(jnp.float32)
+            mean = x32.mean(self.reduce_axis, keepdims=True)
+            var = jnp.square(x32 - mean).mean(self.reduce_axis, keepdims=True)
+            y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+            return y.astype(self.dtype)
+
+        return (jax.checkpoint(normalize) if self.recompute else normalize)(x, scale, bias)
 
 
 def conv1d(

@@ -139,11 +139,13 @@ def analytic_memory(program: TrainProgram, global_batch: int, num_samples: int,
     Activations per sequence of T frames and per layer, under the remat policy: `full` keeps the
     layer input (T*H); `dots` keeps every matmul output (q, k, v, attention output, out_proj, FFN in
     and out: 6*T*H + T*F in the compute dtype, and the float32 attention scores heads*T*T);
-    `dots_no_batch` keeps the weight matmuls only (5*T*H + T*F); `none` also keeps the softmax's
-    intermediates (about 10 more bytes per attention score). A fused attention kernel (splash on a TPU,
-    cuDNN on a GPU) keeps no scores: at most its output and float32 softmax statistics (heads*T). Each
-    conv encoder layer keeps its output and GELU input in the compute dtype and the LayerNorm input in
-    float32 ([T_i, 512] each); with `conv_remat`, only its input and conv output.
+    `dots_no_batch` keeps the weight matmuls only (5*T*H + T*F); `none` keeps the softmax's output in
+    place of the scores and, without `norm_act_remat`, the GELU's two float32 intermediates (2*T*F) and the
+    two LayerNorms' (4*T*H). A fused attention kernel (splash on a TPU, cuDNN on a GPU) keeps no scores: at
+    most its output and float32 softmax statistics (heads*T). Each conv encoder layer keeps its conv output
+    and its GELU's input and output in the compute dtype ([T_i, 512] each; without `norm_act_remat`, the
+    LayerNorm's float32 intermediates in place of the GELU's output); with `conv_remat`, only its input and
+    conv output.
     Sequences are split over data*fsdp, heads and FFN width over tensor.
     """
     cfg: Wav2Vec2Config = model_config or program.model_config
@@ -170,13 +172,14 @@ def analytic_memory(program: TrainProgram, global_batch: int, num_samples: int,
         "full": t * h * b,
         "dots": dots,
         "dots_no_batch": (2 * h + (4 if fused else 3) * h / tensor + f / tensor) * t * b + (scores if fused else 0),
-        "none": dots + (0 if fused else (n / tensor) * t * t * 10),
+        "none": dots + (0 if cfg.norm_act_remat else (2 * f / tensor + 4 * h) * t * 4),
     }[cfg.remat_policy]
+    kept_per_conv_frame = 2 * b if cfg.conv_remat else (3 * b if cfg.norm_act_remat else 2 * b + 4)
     conv = 0.0
     length = num_samples
     for dim, k, s in zip(cfg.conv_dim, cfg.conv_kernel, cfg.conv_stride):
         length = (length - k) // s + 1
-        conv += length * dim * (2 * b if cfg.conv_remat else 2 * b + 4)  # conv_remat: the input and conv output
+        conv += length * dim * kept_per_conv_frame
     activations = rows * (cfg.num_hidden_layers * per_layer + conv + 4 * t * h * 4)
     return MemoryEstimate(state=state, gradients=gradients * (2 if accum > 1 else 1), activations=int(activations))
 
