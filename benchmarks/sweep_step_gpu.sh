@@ -21,10 +21,13 @@ cd "$(dirname "$0")/.."
 if [[ -n "$list" ]]; then
   variants=$(grep -v '^\s*#' "$list" | grep -v '^\s*$')
 else
-  # The presets' remat policy (dots) and no remat, scanned and unrolled layers, larger batches, and one
-  # profile (bench_step.py runs it with CUDA graphs off, so that each kernel keeps its HLO name).
+  # The presets' remat policy (dots) and no remat, each also without norm_act_remat, scanned and unrolled
+  # layers, larger batches, and one profile (bench_step.py runs it with CUDA graphs off, so that each
+  # kernel keeps its HLO name).
   variants="dots300|--preset xlsr_300m --batch 8 --remat dots|
+dots300_no_nar|--preset xlsr_300m --batch 8 --remat dots --no-norm-act-remat|
 none300|--preset xlsr_300m --batch 8|
+none300_no_nar|--preset xlsr_300m --batch 8 --no-norm-act-remat|
 unrolled300|--preset xlsr_300m --batch 8 --unrolled|
 b32_dots300|--preset xlsr_300m --batch 32 --remat dots|
 b32_unrolled300|--preset xlsr_300m --batch 32 --unrolled|

@@ -105,6 +105,15 @@ def test_norm_act_remat_keeps_gradients_and_keeps_only_the_inputs_of_norms_and_a
     assert saved > 4 * _FIRST_CONV, saved
 
 
+@pytest.mark.parametrize("policy", ["none", "dots", "full"])
+def test_a_layer_gelu_runs_at_most_twice_under_every_remat_policy(policy):
+    """Forward, then one recomputation: `norm_act_remat` does not nest inside a rematerialized layer."""
+    audio, mask = _batch()
+    config = get_preset("tiny", hidden_dropout=0.0, feat_extract_activation="relu", remat_policy=policy)
+    lowered = jax.jit(jax.grad(_ctc_loss_fn(config, audio, mask))).lower(init_params(config, "ctc"))
+    assert lowered.as_text().count("erf") == 2  # only the feed-forward GELU is exact (erf) here
+
+
 def test_the_attention_keeps_one_probability_tensor_per_layer(capsys):
     """The softmax's derivative needs only its output; JAX's default derivative keeps the exponentials too."""
     audio, mask = _batch()

@@ -104,7 +104,8 @@ class Wav2Vec2Config:
     # `norm_act_remat` it drops only each conv layer's GELU input.
     conv_remat: bool = False
     # Keep only the inputs of each norm and activation (GELU, LayerNorm) for the backward pass and recompute
-    # their internals there, as PyTorch's kernels do; autodiff would keep 2-3 intermediates of each.
+    # their internals there, as PyTorch's kernels do; autodiff would keep 2-3 intermediates of each. Not
+    # inside what `remat_policy` or `conv_remat` already rematerializes.
     norm_act_remat: bool = True
     attention_impl: str = "auto"  # see ATTENTION_IMPLS
     # fairseq's feature_grad_mult: gradient scale into the conv encoder (0 freezes it).

@@ -289,6 +289,12 @@ class Attention(nn.Module):
         return Dense(cfg.hidden_size, ("heads", "kv", "embed"), in_axes=2, dtype=dtype, name="out_proj")(out)
 
 
+def layer_norm_act_remat(cfg: Wav2Vec2Config) -> bool:
+    """`norm_act_remat` inside a transformer layer: only where the layer itself is not rematerialized (a
+    rematerialized layer recomputes its norms and activations already; nested, they would run a third time)."""
+    return cfg.norm_act_remat and cfg.remat_policy == "none"
+
+
 class FeedForward(nn.Module):
     config: Wav2Vec2Config
     deterministic: bool = True
@@ -299,7 +305,7 @@ class FeedForward(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         h = Dense(cfg.intermediate_size, ("embed", "mlp"), dtype=dtype, name="intermediate_dense")(x)
         h = nn.with_logical_constraint(h, ("batch", "frames", "act_mlp"))
-        h = activation(cfg.hidden_act, cfg.norm_act_remat)(h)
+        h = activation(cfg.hidden_act, layer_norm_act_remat(cfg))(h)
         h = nn.Dropout(cfg.activation_dropout)(h, deterministic=self.deterministic)
         h = Dense(cfg.hidden_size, ("mlp", "embed"), dtype=dtype, name="output_dense")(h)
         return nn.Dropout(cfg.hidden_dropout)(h, deterministic=self.deterministic)
@@ -324,7 +330,7 @@ class EncoderLayer(nn.Module):
         inputs = x
         attention = Attention(cfg, det, name="attention")
         feed_forward = FeedForward(cfg, det, name="feed_forward")
-        recompute = cfg.norm_act_remat
+        recompute = layer_norm_act_remat(cfg)
         layer_norm = LayerNorm("embed", cfg.layer_norm_eps, dtype, recompute=recompute, name="layer_norm")
         final_layer_norm = LayerNorm("embed", cfg.layer_norm_eps, dtype, recompute=recompute,
                                      name="final_layer_norm")

@@ -43,14 +43,14 @@ class ConvLayer(nn.Module):
             bias = self.param("bias", logical(torch_linear_uniform(in_dim * k), ("conv_out",)), (out_dim,))
             x = x + bias.astype(dtype)
         x = checkpoint_name(x, CONV_OUTPUT)
+        recompute = cfg.norm_act_remat and not cfg.conv_remat  # conv_remat recomputes the norm and GELU already
         if cfg.feat_extract_norm == "layer":
             # PyTorch's LayerNorm default eps here, not config.layer_norm_eps (as in Hugging Face).
-            x = LayerNorm("conv_out", epsilon=1e-5, dtype=dtype, recompute=cfg.norm_act_remat,
-                          name="layer_norm")(x)
+            x = LayerNorm("conv_out", epsilon=1e-5, dtype=dtype, recompute=recompute, name="layer_norm")(x)
         elif self.layer_id == 0:
-            x = LayerNorm("conv_out", epsilon=1e-5, dtype=dtype, reduce_axis=-2, recompute=cfg.norm_act_remat,
+            x = LayerNorm("conv_out", epsilon=1e-5, dtype=dtype, reduce_axis=-2, recompute=recompute,
                           name="layer_norm")(x)
-        return activation(cfg.feat_extract_activation, cfg.norm_act_remat)(x)
+        return activation(cfg.feat_extract_activation, recompute)(x)
 
 
 class FeatureEncoder(nn.Module):

@@ -118,7 +118,11 @@ class LayerNorm(nn.Module):
             y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
             return y.astype(self.dtype)
 
-        return (jax.checkpoint(normalize) if self.recompute else normalize)(x, scale, bias)
+        if not self.recompute:
+            return normalize(x, scale, bias)
+        # Whole on every device before the checkpoint, which then keeps them: the backward pass does not
+        # gather them again to recompute.
+        return jax.checkpoint(normalize)(x, gathered(scale), gathered(bias))
 
 
 def conv1d(
