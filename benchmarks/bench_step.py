@@ -5,7 +5,7 @@ peak memory, and the time from process start to the first step.
         [--steps 6] [--rounds 2] [--post-ln] [--remat none] [--conv-remat] [--no-norm-act-remat]
         [--unrolled] [--attention auto]
         [--frameworks ours torch] [--flax-python PATH] [--compile-cache DIR] [--profile-top N]
-        [--huge-pages ours|all|none]
+        [--compile-profile N] [--huge-pages ours|all|none]
         [--queue DIR --queue-size N --label NAME]
 
 Each framework runs in its own process (`--worker ours|torch`), the two alternating for `--rounds`, so
@@ -169,6 +169,41 @@ def _device_profile(compiled, run_step, steps: int, top: int) -> dict:
             "top_ops": [[op, t, op_names.get(op, "")[-160:]] for op, t in ops]}
 
 
+def _compile_profile(lowered, top: int):
+    """Compile `lowered` under a `jax.profiler` trace: the compiled step and the compiler's `top` phases by
+    time summed over the threads that ran them (XLA's CPU backend compiles its kernels on a thread pool),
+    as [name, seconds, events, threads], and the compiled program's fusions counted by model part."""
+    import glob
+    import tempfile
+
+    import jax
+    from jax.profiler import ProfileData
+
+    options = jax.profiler.ProfileOptions()
+    options.python_tracer_level = 0  # the compile runs in C++; Python's frames would only slow it
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, profiler_options=options):
+            compiled = lowered.compile()
+        data = ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
+    phases: dict[str, list] = {}
+    for plane in data.planes:
+        for line in plane.lines:
+            for event in line.events:
+                row = phases.setdefault(event.name, [0.0, 0, set()])
+                row[0] += event.duration_ns / 1e9
+                row[1] += 1
+                row[2].add(f"{plane.name}/{line.name}")
+    ranked = sorted(phases.items(), key=lambda kv: -kv[1][0])[:top]
+    fusions: dict[str, int] = {}  # the compiled program's fusions (each a kernel to generate) by model part
+    for line in compiled.as_text().splitlines():
+        if re.match(r"^\s*(ROOT )?%?[\w.\-]+ = .*? fusion\(", line):
+            name = re.search(r'op_name="([^"]*)"', line)
+            part = _part(name.group(1) if name else "")
+            fusions[part] = fusions.get(part, 0) + 1
+    return compiled, {"phases": [[name, t, n, len(threads)] for name, (t, n, threads) in ranked],
+                      "fusions_by_part": dict(sorted(fusions.items(), key=lambda kv: -kv[1]))}
+
+
 def worker_ours(args) -> dict:
     import jax
 
@@ -197,7 +232,12 @@ def worker_ours(args) -> dict:
     jax.block_until_ready((state, batch))
     ready = time.perf_counter() - START
     t = time.perf_counter()
-    compiled = jitted.lower(state, batch).compile()
+    lowered = jitted.lower(state, batch)
+    lower_s = time.perf_counter() - t
+    if args.compile_profile:
+        compiled, compile_phases = _compile_profile(lowered, args.compile_profile)
+    else:
+        compiled, compile_phases = lowered.compile(), None
     compile_s = time.perf_counter() - t
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     memory = compiled.memory_analysis()
@@ -219,7 +259,7 @@ def worker_ours(args) -> dict:
 
         profile = _device_profile(compiled, run_step, 2, args.profile_top) if args.profile_top else None
     return {"profile": profile, "attention": attention_kernel(config, deterministic=False), "compiled_temp_gib": temp_gib,
-            "ready_s": ready, "compile_s": compile_s, "first_step_s": times[0], "steps_s": times[1:],
+            "compile_phases": compile_phases, "ready_s": ready, "lower_s": lower_s, "compile_s": compile_s, "first_step_s": times[0], "steps_s": times[1:],
             "loss": float(metrics["loss"]), "peak_rss_gib": _peak_rss_gib(), "device": device.device_kind,
             "device_peak_gib": stats["peak_bytes_in_use"] / 2**30 if stats else None,
             "num_params": num_params, "flops_per_step": _model_flops(config, num_params, args),
@@ -390,6 +430,9 @@ def main(argv=None) -> int:
                              "model scope and the N slowest HLO ops. The worker then runs with XLA's GPU command "
                              "buffers (CUDA graphs) off, so that each kernel keeps its HLO op's name: on the H200 "
                              "that made the xlsr_300m step ~6 %% slower")
+    parser.add_argument("--compile-profile", type=int, default=0, metavar="N",
+                        help="ours: compile under a jax.profiler trace and print the compiler's N longest phases, "
+                             "summed over the threads that ran them (the trace adds to the compile time)")
     parser.add_argument("--huge-pages", default="ours", choices=("ours", "all", "none"),
                         help="which workers run with glibc's malloc asking for transparent huge pages: ours, as "
                              "the xlsr-jax command runs (xlsr_jax/host_memory.py), every framework's, or none")
@@ -418,7 +461,8 @@ def main(argv=None) -> int:
 
     passthrough = [f"--preset={args.preset}", f"--seconds={args.seconds}", f"--batch={args.batch}",
                    f"--dtype={args.dtype}", f"--remat={args.remat}", f"--steps={args.steps}",
-                   f"--profile-top={args.profile_top}", f"--attention={args.attention}",
+                   f"--profile-top={args.profile_top}", f"--compile-profile={args.compile_profile}",
+                   f"--attention={args.attention}",
                    *(["--unrolled"] if args.unrolled else []), *(["--post-ln"] if args.post_ln else []),
                    *(["--conv-remat"] if args.conv_remat else []),
                    *(["--no-norm-act-remat"] if args.no_norm_act_remat else []),
@@ -504,6 +548,15 @@ def main(argv=None) -> int:
             print(f"ours round {i + 1} ({'cold' if i == 0 else 'compilation cache warm'}): compile "
                   f"{res['compile_s']:.1f} s, first step {res['first_step_s']:.1f} s, process start to first step "
                   f"{res['ready_s'] + res['compile_s'] + res['first_step_s']:.1f} s")
+    for i, res in enumerate(runs.get("ours", [])):
+        if res.get("compile_phases"):
+            print(f"\nours round {i + 1}, the compile: tracing + lowering {res['lower_s']:.2f} s, then the compiler's "
+                  f"longest phases (seconds summed over threads; events; threads):")
+            for name, t, n, threads in res["compile_phases"]["phases"]:
+                print(f"  {name[:60]:<60} {t:>7.2f} s {n:>6} {threads:>3}")
+            fusions = res["compile_phases"]["fusions_by_part"]
+            print(f"the compiled program's {sum(fusions.values())} fusions by part: "
+                  + ", ".join(f"{part} {n}" for part, n in fusions.items()))
     for res in runs.get("ours", [])[:1]:
         profile = res.get("profile")
         if profile:
