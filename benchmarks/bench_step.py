@@ -5,7 +5,7 @@ peak memory, and the time from process start to the first step.
         [--steps 6] [--rounds 2] [--post-ln] [--remat none] [--conv-remat] [--no-norm-act-remat]
         [--unrolled] [--attention auto]
         [--frameworks ours torch] [--flax-python PATH] [--compile-cache DIR] [--profile-top N]
-        [--compile-profile N] [--huge-pages ours|all|none]
+        [--compile-profile N] [--keep-compiler-memory] [--huge-pages ours|all|none]
         [--queue DIR --queue-size N --label NAME]
 
 Each framework runs in its own process (`--worker ours|torch`), the two alternating for `--rounds`, so
@@ -19,12 +19,13 @@ available) also the device's peak allocated memory and the MFU: the analytic mod
 `xlsr_jax.train.metrics.train_flops_per_step`, the same for both frameworks, over the median step time
 and the chip's peak bf16 FLOP/s. Prints a table with the medians over rounds and the ratios, then one
 JSON line. Our worker runs with glibc's malloc asking for transparent huge pages, as the `xlsr-jax`
-command runs (xlsr_jax/host_memory.py); `--huge-pages all` gives every framework's worker the same,
-`none` none. Needs the `torch` extra for the PyTorch side. With `--flax-python PATH` (a Python with
-transformers 4.57.6 and this machine's jax) also Hugging Face's `FlaxWav2Vec2ForPreTraining`, with
-wav2vec 2.0's loss written here (the Flax model has none) and optax's AdamW. With `--queue`, several
-runs of ours share one device: they compile side by side and are timed one at a time
-(`benchmarks/sweep_step_gpu.sh`).
+command runs, and hands the compiler's freed heap memory back before the first step, as the train loop
+does (xlsr_jax/host_memory.py; `--keep-compiler-memory` skips that); `--huge-pages all` gives every
+framework's worker the same huge pages, `none` none. Needs the `torch` extra for the PyTorch side.
+With `--flax-python PATH` (a Python with transformers 4.57.6 and this machine's jax) also Hugging Face's
+`FlaxWav2Vec2ForPreTraining`, with wav2vec 2.0's loss written here (the Flax model has none) and optax's
+AdamW. With `--queue`, several runs of ours share one device: they compile side by side and are timed one
+at a time (`benchmarks/sweep_step_gpu.sh`).
 """
 
 from __future__ import annotations
@@ -207,6 +208,7 @@ def _compile_profile(lowered, top: int):
 def worker_ours(args) -> dict:
     import jax
 
+    from xlsr_jax.host_memory import release_free_memory
     from xlsr_jax.models.encoder import attention_kernel
     from xlsr_jax.models.heads import build_model
     from xlsr_jax.objectives.contrastive import ContrastiveObjective
@@ -239,6 +241,8 @@ def worker_ours(args) -> dict:
     else:
         compiled, compile_phases = lowered.compile(), None
     compile_s = time.perf_counter() - t
+    if not args.keep_compiler_memory:
+        release_free_memory()  # as the train loop does before a program's first run
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     memory = compiled.memory_analysis()
     temp_gib = getattr(memory, "temp_size_in_bytes", 0) / 2**30 if memory is not None else None
@@ -433,6 +437,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-profile", type=int, default=0, metavar="N",
                         help="ours: compile under a jax.profiler trace and print the compiler's N longest phases, "
                              "summed over the threads that ran them (the trace adds to the compile time)")
+    parser.add_argument("--keep-compiler-memory", action="store_true",
+                        help="ours: skip handing the compiler's freed heap memory back before the first step "
+                             "(the train loop hands it back: xlsr_jax.host_memory.release_free_memory)")
     parser.add_argument("--huge-pages", default="ours", choices=("ours", "all", "none"),
                         help="which workers run with glibc's malloc asking for transparent huge pages: ours, as "
                              "the xlsr-jax command runs (xlsr_jax/host_memory.py), every framework's, or none")
@@ -466,6 +473,7 @@ def main(argv=None) -> int:
                    *(["--unrolled"] if args.unrolled else []), *(["--post-ln"] if args.post_ln else []),
                    *(["--conv-remat"] if args.conv_remat else []),
                    *(["--no-norm-act-remat"] if args.no_norm_act_remat else []),
+                   *(["--keep-compiler-memory"] if args.keep_compiler_memory else []),
                    *([f"--queue={args.queue}", f"--queue-size={args.queue_size}", f"--label={args.label}"]
                      if args.queue else [])]
     if args.queue and (args.frameworks != ["ours"] or args.rounds != 1 or not args.label):

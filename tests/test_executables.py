@@ -216,3 +216,17 @@ def test_a_program_prepared_under_thread_local_settings_is_compiled_by_the_calle
             executables.prepare(state, batch, 0.5)
             executables(state, batch, 0.5)
     assert threads == ["MainThread"]
+
+
+def test_the_compilers_free_memory_is_handed_back_once_before_each_new_program_runs(monkeypatch):
+    import xlsr_jax.train.executables as executables_module
+
+    events = []
+    monkeypatch.setattr(executables_module, "release_free_memory", lambda: events.append("release"))
+    jitted = jax.jit(_slow_to_compile, static_argnums=2)
+    executables = StepExecutables(jitted, None, "")
+    state, batch = jnp.ones(3), {"x": jnp.arange(4.0)}
+    for scale in (0.5, 0.5, 0.25, 0.5, 0.25):
+        executables(state, batch, scale)
+        events.append(scale)
+    assert events == ["release", 0.5, 0.5, "release", 0.25, 0.5, 0.25]

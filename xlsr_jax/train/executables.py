@@ -23,6 +23,8 @@ Programs can also be got ahead, on background threads (`StepExecutables.prepare`
 compiling is host work, so it can overlap the state's restore or init and the device's steps. A program is
 traced on the background thread only under the JAX settings the caller's thread has; one asked for under
 a thread-local context (e.g. `with jax.default_matmul_precision(...)`) is traced on the caller's thread.
+Before a program first runs, the free memory the compiler left in the C heap goes back to the system
+(`xlsr_jax.host_memory.release_free_memory`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from collections.abc import Callable
 
 import jax
 from etils import epath
+
+from xlsr_jax.host_memory import release_free_memory
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +165,7 @@ class StepExecutables:
         step = self._ready.get(key)
         if step is None:
             step = self._ready[key] = self._program(key, state, batch, static)
+            release_free_memory()  # what the compiler freed, before the program's first run adds its own peak
         return step(state, batch)
 
     def _program(self, key: tuple, state, batch, static: tuple) -> Callable:
