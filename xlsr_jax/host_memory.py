@@ -16,12 +16,12 @@ command again in the same process (same PID, same arguments) with the tunable ad
 `GLIBC_TUNABLES` already sets `glibc.malloc.hugetlb` (so `GLIBC_TUNABLES=glibc.malloc.hugetlb=0`
 turns it off), and in the process it started (`REEXEC_MARKER`).
 
-XLA's compiler (HLO passes, MLIR, LLVM) makes millions of small allocations on several threads. When
+XLA's compiler (HLO passes, MLIR, LLVM) makes many small allocations on several threads. When
 it is done, glibc keeps what they freed in its heaps and hands back only a free stretch at the top of
 each, so ~0.5 GiB of free memory stays resident in the base model's train process and adds to the first
 step's peak. `release_free_memory` calls glibc's `malloc_trim(0)`, which gives the kernel every whole free
 page in every heap; the train loop calls it when a newly compiled or loaded program is about to run
-(60 ms; the step's peak RSS 4.58 -> 4.07 GiB in BENCHMARKS.md).
+(0.06 s; the base step's peak RSS 4.64-4.68 -> 4.16 GiB in BENCHMARKS.md).
 """
 
 from __future__ import annotations
