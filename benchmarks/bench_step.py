@@ -129,25 +129,34 @@ def _part(op_name: str) -> str:
     return "optimizer and the rest" if op_name else "(no name)"
 
 
-def _device_profile(compiled, run_step, steps: int, top: int) -> dict:
-    """Kernel time per step on the device, by model part and by HLO op, from a `jax.profiler` trace.
-
-    Each kernel event carries the HLO instruction it runs (`hlo_op`); the compiled HLO text maps that
-    instruction to the JAX name stack it came from (`metadata={op_name=...}`).
-    """
+def _traced(run, python_frames: bool = True):
+    """`run()` under a `jax.profiler` trace: its result and the trace (`jax.profiler.ProfileData`)."""
     import glob
     import tempfile
 
     import jax
     from jax.profiler import ProfileData
 
+    options = jax.profiler.ProfileOptions()
+    if not python_frames:
+        options.python_tracer_level = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, profiler_options=options):
+            result = run()
+        return result, ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
+
+
+def _device_profile(compiled, run_step, steps: int, top: int) -> dict:
+    """Kernel time per step on the device, by model part and by HLO op, from a `jax.profiler` trace.
+
+    Each kernel event carries the HLO instruction it runs (`hlo_op`); the compiled HLO text maps that
+    instruction to the JAX name stack it came from (`metadata={op_name=...}`).
+    """
+    import jax
+
     op_names = {m.group(1): m.group(2) for m in re.finditer(
         r"^\s*%?([\w.\-]+) = .*?metadata=\{op_name=\"([^\"]*)\"", compiled.as_text(), re.M)}
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp):
-            for _ in range(steps):
-                run_step()
-        data = ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
+    _, data = _traced(lambda: [run_step() for _ in range(steps)])
     platform = jax.devices()[0].platform
     by_op: dict[str, float] = {}
     for plane in data.planes:
@@ -174,18 +183,8 @@ def _compile_profile(lowered, top: int):
     """Compile `lowered` under a `jax.profiler` trace: the compiled step and the compiler's `top` phases by
     time summed over the threads that ran them (XLA's CPU backend compiles its kernels on a thread pool),
     as [name, seconds, events, threads], and the compiled program's fusions counted by model part."""
-    import glob
-    import tempfile
-
-    import jax
-    from jax.profiler import ProfileData
-
-    options = jax.profiler.ProfileOptions()
-    options.python_tracer_level = 0  # the compile runs in C++; Python's frames would only slow it
-    with tempfile.TemporaryDirectory() as tmp:
-        with jax.profiler.trace(tmp, profiler_options=options):
-            compiled = lowered.compile()
-        data = ProfileData.from_file(glob.glob(f"{tmp}/**/*.xplane.pb", recursive=True)[0])
+    # the compile runs in C++; Python's frames would only slow it
+    compiled, data = _traced(lowered.compile, python_frames=False)
     phases: dict[str, list] = {}
     for plane in data.planes:
         for line in plane.lines:
